@@ -1,0 +1,5 @@
+import sys
+
+from fastws.cli import main
+
+sys.exit(main())

@@ -1,0 +1,59 @@
+# The C contract of the fanout core: other Cython code (ours or a user's)
+# cimports these classes and calls their cdef methods through the vtable.
+
+from picows.picows cimport WSTransport
+
+
+cdef class Outbox:
+    cdef:
+        readonly WSTransport transport
+        Hub hub
+        char* buf
+        Py_ssize_t size
+        Py_ssize_t capacity
+        bint dirty
+        readonly bint closed
+        readonly bint overflowed
+        public Py_ssize_t limit
+        public object on_overflow
+        set channels
+
+    cdef int _reserve(self, Py_ssize_t extra) except -1
+    cdef int _append(self, const char* data, Py_ssize_t n) except -1
+    cdef int _append_frame(self, unsigned char opcode, const char* data, Py_ssize_t n) except -1
+    cdef int _write_pending(self) except -1
+    cdef int _overflow(self) except -1
+    cpdef send_text(self, bytes payload)
+    cpdef send_binary(self, bytes payload)
+    cpdef flush(self)
+    cpdef list close(self)
+
+
+cdef class Channel:
+    cdef:
+        readonly str name
+        list members
+        dict positions
+
+
+cdef class Hub:
+    cdef:
+        dict channels
+        list dirty
+        list overflowed
+        bint flush_scheduled
+        object loop
+        object flush_callback
+        char* frame
+        Py_ssize_t frame_capacity
+        readonly unsigned long long deliveries
+        readonly unsigned long long frames_out
+        readonly unsigned long long bytes_out
+
+    cdef int _mark_dirty(self, Outbox outbox) except -1
+    cdef int _schedule_flush(self) except -1
+    cpdef Py_ssize_t publish(self, str channel, bytes payload) except -1
+    cpdef bint subscribe(self, Outbox outbox, str channel) except -1
+    cpdef bint unsubscribe(self, Outbox outbox, str channel) except -1
+    cpdef list drop(self, Outbox outbox)
+    cpdef flush(self)

@@ -1,0 +1,331 @@
+"""The hot path: channels, subscriber sets, frame-once publish, coalesced writes.
+
+A publication is framed once into a scratch buffer. For every subscriber the
+frame's bytes are appended to that connection's outbox, a plain C buffer, and
+the connection is marked dirty. Once per event-loop turn the hub flushes each
+dirty outbox with a single write, so N publications in one turn cost a
+subscriber one syscall instead of N. Replies and other per-connection frames
+go through the same outbox, which keeps every byte a client receives in the
+order the server produced it.
+
+Nothing here decides policy. When an outbox passes its limit the core stops
+queueing for it and, after the flush, calls ``on_overflow`` so that Python
+code chooses what to do (close with 1013).
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from libc.stdlib cimport free, realloc
+from libc.string cimport memcpy
+
+import asyncio
+
+from picows.picows cimport WSTransport
+
+# An outbox keeps a buffer of this size or smaller between flushes, so that a
+# busy subscriber does not realloc every turn, while an idle one holds nothing
+# larger.
+cdef Py_ssize_t RETAINED_CAPACITY = 2048
+
+# A frame larger than this is written straight to each transport after the
+# outbox's pending bytes, instead of being copied into every outbox.
+cdef Py_ssize_t DIRECT_WRITE_SIZE = 65536
+
+cdef unsigned char OP_TEXT = 0x1
+cdef unsigned char OP_BINARY = 0x2
+
+# Largest header a server frame needs: 2 bytes + 8 bytes of length, no mask.
+DEF MAX_HEADER = 10
+
+
+cdef inline Py_ssize_t write_header(unsigned char* p, unsigned char opcode,
+                                    Py_ssize_t n) noexcept:
+    """Write an unmasked, final frame header for an n-byte payload; return its size."""
+    cdef int i
+    p[0] = 0x80 | opcode
+    if n < 126:
+        p[1] = <unsigned char>n
+        return 2
+    if n < 65536:
+        p[1] = 126
+        p[2] = <unsigned char>(n >> 8)
+        p[3] = <unsigned char>(n & 0xFF)
+        return 4
+    p[1] = 127
+    for i in range(8):
+        p[2 + i] = <unsigned char>((n >> (56 - 8 * i)) & 0xFF)
+    return 10
+
+
+def frame(bytes payload, bint text=True):
+    """Return the complete server frame for ``payload`` (used by tests and tools)."""
+    cdef unsigned char header[MAX_HEADER]
+    cdef Py_ssize_t h = write_header(header, OP_TEXT if text else OP_BINARY,
+                                     PyBytes_GET_SIZE(payload))
+    return (<char*>header)[:h] + payload
+
+
+cdef class Outbox:
+    """The bytes queued for one connection until the end of the loop turn."""
+
+    def __cinit__(self, WSTransport transport, Hub hub, Py_ssize_t limit=0):
+        self.transport = transport
+        self.hub = hub
+        self.buf = NULL
+        self.size = 0
+        self.capacity = 0
+        self.dirty = False
+        self.closed = False
+        self.overflowed = False
+        self.limit = limit
+        self.on_overflow = None
+        self.channels = set()
+
+    def __dealloc__(self):
+        free(self.buf)
+
+    @property
+    def pending(self):
+        """Bytes queued here and not yet handed to the transport."""
+        return self.size
+
+    cdef int _reserve(self, Py_ssize_t extra) except -1:
+        cdef Py_ssize_t need = self.size + extra
+        cdef Py_ssize_t cap
+        cdef char* grown
+        if need <= self.capacity:
+            return 0
+        cap = self.capacity * 2 if self.capacity else 512
+        while cap < need:
+            cap *= 2
+        grown = <char*>realloc(self.buf, cap)
+        if grown == NULL:
+            raise MemoryError()
+        self.buf = grown
+        self.capacity = cap
+        return 0
+
+    cdef int _overflow(self) except -1:
+        """Stop queueing for this connection and report it after the flush."""
+        self.overflowed = True
+        self.closed = True
+        self.size = 0
+        self.hub.overflowed.append(self)
+        self.hub._schedule_flush()
+        return 0
+
+    cdef int _append(self, const char* data, Py_ssize_t n) except -1:
+        if self.closed:
+            return 0
+        if self.limit and self.size + n > self.limit:
+            return self._overflow()
+        self._reserve(n)
+        memcpy(self.buf + self.size, data, n)
+        self.size += n
+        if not self.dirty:
+            self.hub._mark_dirty(self)
+        return 0
+
+    cdef int _append_frame(self, unsigned char opcode, const char* data, Py_ssize_t n) except -1:
+        cdef Py_ssize_t h
+        if self.closed:
+            return 0
+        if self.limit and self.size + n + MAX_HEADER > self.limit:
+            return self._overflow()
+        self._reserve(n + MAX_HEADER)
+        h = write_header(<unsigned char*>self.buf + self.size, opcode, n)
+        memcpy(self.buf + self.size + h, data, n)
+        self.size += h + n
+        self.hub.frames_out += 1
+        if not self.dirty:
+            self.hub._mark_dirty(self)
+        return 0
+
+    cdef int _write_pending(self) except -1:
+        cdef Py_ssize_t n = self.size
+        cdef WSTransport t = self.transport
+        if n == 0:
+            return 0
+        self.size = 0
+        if t.is_disconnected or t.is_close_frame_sent:
+            return 0
+        self.hub.bytes_out += n
+        t._fast_write(self.buf, n)
+        if self.capacity > RETAINED_CAPACITY:
+            free(self.buf)
+            self.buf = NULL
+            self.capacity = 0
+        if self.limit and <Py_ssize_t>t.underlying_transport.get_write_buffer_size() > self.limit:
+            self._overflow()
+        return 0
+
+    cpdef send_text(self, bytes payload):
+        """Queue one TEXT frame whose payload is already valid UTF-8."""
+        self._append_frame(OP_TEXT, PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
+
+    cpdef send_binary(self, bytes payload):
+        """Queue one BINARY frame."""
+        self._append_frame(OP_BINARY, PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
+
+    cpdef flush(self):
+        """Hand what is queued to the transport now (before a close frame, say)."""
+        self._write_pending()
+
+    cpdef list close(self):
+        """Leave every channel and drop what is queued; return the channels left empty.
+
+        Later sends are ignored. Closing twice is harmless (and returns []).
+        """
+        self.closed = True
+        self.size = 0
+        return self.hub.drop(self)
+
+
+cdef class Channel:
+    """Subscribers of one channel: a list to iterate, a dict for O(1) removal."""
+
+    def __cinit__(self, str name):
+        self.name = name
+        self.members = []
+        self.positions = {}
+
+    def __len__(self):
+        return len(self.members)
+
+
+cdef class Hub:
+    """Every channel of this process and the once-per-turn flush."""
+
+    def __cinit__(self):
+        self.channels = {}
+        self.dirty = []
+        self.overflowed = []
+        self.flush_scheduled = False
+        self.loop = None
+        self.flush_callback = self.flush
+        self.frame = NULL
+        self.frame_capacity = 0
+        self.deliveries = 0
+        self.frames_out = 0
+        self.bytes_out = 0
+
+    def __dealloc__(self):
+        free(self.frame)
+
+    def outbox(self, WSTransport transport, Py_ssize_t limit=0):
+        """Make the outbox of a newly connected transport."""
+        return Outbox(transport, self, limit)
+
+    def channel_names(self):
+        return list(self.channels)
+
+    def subscriber_count(self, str channel):
+        ch = self.channels.get(channel)
+        return 0 if ch is None else len((<Channel>ch).members)
+
+    cdef int _schedule_flush(self) except -1:
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            if self.loop is None:
+                self.loop = asyncio.get_running_loop()
+            self.loop.call_soon(self.flush_callback)
+        return 0
+
+    cdef int _mark_dirty(self, Outbox outbox) except -1:
+        outbox.dirty = True
+        self.dirty.append(outbox)
+        self._schedule_flush()
+        return 0
+
+    cpdef bint subscribe(self, Outbox outbox, str channel) except -1:
+        """Add outbox to channel; True when it is the channel's first subscriber."""
+        cdef Channel ch = self.channels.get(channel)
+        cdef bint first = False
+        if ch is None:
+            ch = Channel(channel)
+            self.channels[channel] = ch
+            first = True
+        if outbox in ch.positions:
+            return False
+        ch.positions[outbox] = len(ch.members)
+        ch.members.append(outbox)
+        outbox.channels.add(channel)
+        return first
+
+    cpdef bint unsubscribe(self, Outbox outbox, str channel) except -1:
+        """Remove outbox from channel in O(1); True when the channel became empty."""
+        cdef Channel ch = self.channels.get(channel)
+        cdef Py_ssize_t pos
+        cdef Outbox last
+        if ch is None:
+            return False
+        pos = ch.positions.pop(outbox, -1)
+        if pos < 0:
+            return False
+        outbox.channels.discard(channel)
+        last = ch.members.pop()
+        if last is not outbox:
+            ch.members[pos] = last
+            ch.positions[last] = pos
+        if not ch.members:
+            del self.channels[channel]
+            return True
+        return False
+
+    cpdef list drop(self, Outbox outbox):
+        """Remove outbox from every channel; return the channels left empty."""
+        cdef list emptied = []
+        for name in list(outbox.channels):
+            if self.unsubscribe(outbox, name):
+                emptied.append(name)
+        return emptied
+
+    cpdef Py_ssize_t publish(self, str channel, bytes payload) except -1:
+        """Frame payload once and queue it for every subscriber; return how many."""
+        cdef Channel ch = self.channels.get(channel)
+        cdef Py_ssize_t n, h, size, i, count
+        cdef Outbox o
+        cdef char* grown
+        if ch is None:
+            return 0
+        n = PyBytes_GET_SIZE(payload)
+        size = n + MAX_HEADER
+        if size > self.frame_capacity:
+            grown = <char*>realloc(self.frame, size)
+            if grown == NULL:
+                raise MemoryError()
+            self.frame = grown
+            self.frame_capacity = size
+        h = write_header(<unsigned char*>self.frame, OP_TEXT, n)
+        memcpy(self.frame + h, PyBytes_AS_STRING(payload), n)
+        size = h + n
+        count = len(ch.members)
+        for i in range(count):
+            o = <Outbox>ch.members[i]
+            if size > DIRECT_WRITE_SIZE and not o.closed:
+                o._write_pending()
+                if not (o.transport.is_disconnected or o.transport.is_close_frame_sent):
+                    o.transport._fast_write(self.frame, size)
+                    self.bytes_out += size
+            else:
+                o._append(self.frame, size)
+        self.deliveries += count
+        self.frames_out += count
+        return count
+
+    cpdef flush(self):
+        """Write every dirty outbox once, then report the ones that overflowed."""
+        cdef list dirty = self.dirty
+        cdef list overflowed
+        cdef Outbox o
+        self.flush_scheduled = False
+        self.dirty = []
+        for o in dirty:
+            o.dirty = False
+            o._write_pending()
+        if self.overflowed:
+            overflowed = self.overflowed
+            self.overflowed = []
+            for o in overflowed:
+                self.drop(o)
+                if o.on_overflow is not None:
+                    o.on_overflow(o)

@@ -1,0 +1,181 @@
+"""Library mode: your handler classes on paths, the channel protocol beside them.
+
+An :class:`App` holds what a node serves: the routes (paths to connection
+classes), the fanout hub and the broker. ``fastws serve`` is an App with the
+channel protocol mounted on ``--path``; a library user mounts their own
+:class:`Handler` subclasses and may mount the channel protocol too, and
+reaches channel subscribers from their own code with :meth:`App.publish`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import uvloop
+
+from fastws._core.fanout import Hub
+from fastws.brokers import Broker, MemoryBroker
+from fastws.config import Config
+from fastws.connection import Connection, Step, finish, start_eagerly
+from fastws.session import ChannelSession
+
+if TYPE_CHECKING:
+    from fastws.node import Node
+
+logger = logging.getLogger("fastws.app")
+
+
+@dataclass
+class Stats:
+    """Plain counters, bumped on the hot path and read by /metrics when scraped."""
+
+    accepted: int = 0
+    messages_in: int = 0
+    command_errors: int = 0
+    protocol_errors: int = 0
+    handler_errors: int = 0
+
+
+class Handler(Connection):
+    """One connection in library mode: subclass it and override the ``on_*`` methods.
+
+    A new instance serves each connection. Each ``on_*`` method may be a
+    plain method or ``async def``; a connection's calls run one at a time, in
+    the order its messages arrived, and an exception in any of them closes
+    only this connection, with 1011.
+    """
+
+    def on_connect(self) -> Step | None:
+        """The client is connected."""
+        return None
+
+    def on_message(self, message: str | bytes) -> Step | None:
+        """A whole message arrived: ``str`` from a TEXT frame, ``bytes`` from BINARY."""
+        return None
+
+    def on_disconnect(self, code: int) -> Step | None:
+        """The connection is gone; code is the close code (1006 when there was none)."""
+        return None
+
+    def send(self, message: str | bytes) -> None:
+        """Send a TEXT frame for a str, a BINARY frame for bytes."""
+        if isinstance(message, str):
+            self.send_text(message.encode())
+        else:
+            self.send_binary(bytes(message))
+
+    async def subscribe(self, channel: str) -> None:
+        """Receive the channel's publications (``{"ch", "seq", "data"}`` TEXT frames)."""
+        await self.app.join(self, channel)
+
+    async def unsubscribe(self, channel: str) -> None:
+        await self.app.leave(self, channel)
+
+    def opened(self) -> Step | None:  # type: ignore[override]
+        return self.on_connect()
+
+    def received(self, payload: bytes, text: bool) -> Step | None:
+        if not text:
+            return self.on_message(payload)
+        try:
+            message = payload.decode()
+        except UnicodeDecodeError:
+            self._protocol_error(1007, "invalid UTF-8 in a text message")
+            return None
+        return self.on_message(message)
+
+    def closed(self) -> Step | None:  # type: ignore[override]
+        return self.on_disconnect(self.close_code or 1006)
+
+
+class App:
+    """What a node serves. Make one, mount handlers, then ``run()`` or ``await serve()``."""
+
+    def __init__(self, config: Config | None = None, *, broker: Broker | None = None) -> None:
+        self.config = config or Config()
+        self.broker = broker or MemoryBroker()
+        self.broker.attach(self._deliver)
+        self.hub = Hub()
+        self.routes: dict[str, type[Connection]] = {}
+        self.connections: set[Connection] = set()
+        self.stats = Stats()
+        self.node_name = self._name()
+        self._background: set[asyncio.Task[None]] = set()
+
+    def _name(self) -> str:
+        return self.config.node_name or f"{socket.gethostname()}-{os.getpid()}"
+
+    def mount(self, path: str, handler: type[Handler]) -> None:
+        """Serve connections upgraded on path with a new handler instance each."""
+        self._add_route(path, handler)
+
+    def channels(self, path: str = "/ws") -> None:
+        """Serve the channel protocol (docs/protocol.md) on path."""
+        self._add_route(path, ChannelSession)
+
+    def _add_route(self, path: str, cls: type[Connection]) -> None:
+        if not path.startswith("/"):
+            raise ValueError(f"a path starts with '/': {path!r}")
+        if path in self.routes:
+            raise ValueError(f"{path} is mounted already")
+        self.routes[path] = cls
+
+    async def publish(self, channel: str, data: Any) -> int:
+        """Publish data (any JSON value) to a channel on every node; return its seq."""
+        return await self.broker.publish(channel, data)
+
+    async def join(self, conn: Connection, channel: str) -> None:
+        assert conn.outbox is not None
+        if self.hub.subscribe(conn.outbox, channel):
+            await self.broker.subscribe(channel)
+
+    async def leave(self, conn: Connection, channel: str) -> None:
+        assert conn.outbox is not None
+        if self.hub.unsubscribe(conn.outbox, channel):
+            await self.broker.unsubscribe(channel)
+
+    def detach(self, conn: Connection) -> None:
+        """Take a closing connection out of every channel, telling the broker of the emptied."""
+        if conn.outbox is None:
+            return
+        for channel in conn.outbox.close():
+            self._in_background(self.broker.unsubscribe(channel))
+
+    def _in_background(self, step: Step) -> None:
+        started = start_eagerly(step)
+        if started is not None:
+            task = asyncio.get_running_loop().create_task(finish(*started))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    def _deliver(self, channel: str, seq: int, payload: bytes) -> None:
+        self.hub.publish(channel, payload)
+
+    async def serve(self, **options: Any) -> Node:
+        """Start a node for this app on the running loop; options override the config."""
+        from fastws.node import Node
+
+        self.config = replace(self.config, **options)
+        self.node_name = self._name()
+        node = Node(self)
+        await node.start()
+        return node
+
+    def run(self, **options: Any) -> None:
+        """Serve on uvloop until SIGTERM or SIGINT, then drain and return."""
+
+        async def main() -> None:
+            node = await self.serve(**options)
+            node.handle_signals()
+            await node.wait_stopped()
+
+        level = logging.getLevelName(replace(self.config, **options).log_level.upper())
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        # picows logs every connection at INFO: too much for a node's log.
+        logging.getLogger("picows").setLevel(max(level, logging.WARNING))
+        uvloop.run(main())

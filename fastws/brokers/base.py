@@ -1,0 +1,59 @@
+"""The small async interface every backplane implements.
+
+A broker owns the numbering of publications: it gives each one the next
+``seq`` of its channel, keeps the channel's ``epoch``, and hands every
+publication of a channel that this node listens to back to the node through
+the ``deliver`` callback, already encoded as the frame payload that
+subscribers receive. The node then frames it once for all of its local
+subscribers. The node tells the broker which channels it listens to with
+``subscribe``/``unsubscribe`` (the first local subscriber and the last one),
+so that a networked broker keeps one subscription per channel per node.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any
+
+from fastws.protocol import Position
+
+Deliver = Callable[[str, int, bytes], None]
+
+
+class Broker(ABC):
+    """Numbering, storage and transport of publications between nodes."""
+
+    def __init__(self) -> None:
+        self._deliver: Deliver | None = None
+
+    def attach(self, deliver: Deliver) -> None:
+        """Set where this node's publications go; called once by the App."""
+        self._deliver = deliver
+
+    async def start(self) -> None:
+        """Connect; called before the node accepts clients."""
+
+    async def stop(self) -> None:
+        """Disconnect; called after the last client has gone."""
+
+    @property
+    def ready(self) -> bool:
+        """Whether publishing and subscribing work right now (for /readyz)."""
+        return True
+
+    @abstractmethod
+    async def publish(self, channel: str, data: Any) -> int:
+        """Number data as the channel's next publication, deliver it, return its seq."""
+
+    @abstractmethod
+    async def subscribe(self, channel: str) -> None:
+        """Start receiving the channel's publications on this node."""
+
+    @abstractmethod
+    async def unsubscribe(self, channel: str) -> None:
+        """Stop receiving the channel's publications on this node."""
+
+    @abstractmethod
+    async def position(self, channel: str) -> Position:
+        """The channel's epoch and the seq of its last publication (0 if none)."""

@@ -1,0 +1,35 @@
+"""``fastws serve``: the standalone node; ``fastws options``: the options table."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from fastws import config as config_module
+from fastws.app import App
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastws", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="run a standalone node")
+    config_module.add_arguments(serve)
+    commands.add_parser("options", help="print every option as a Markdown table")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "options":
+        sys.stdout.write(config_module.markdown_table())
+        return 0
+    try:
+        config = config_module.from_args(args)
+    except config_module.ConfigError as exc:
+        print(f"fastws: {exc}", file=sys.stderr)
+        return 2
+    app = App(config)
+    app.channels(config.path)
+    app.run()
+    return 0

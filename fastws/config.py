@@ -1,0 +1,147 @@
+"""One table of options, read from TOML, ``FASTWS_*`` variables and CLI flags.
+
+Every option has a single name: ``max_message_size`` in TOML,
+``FASTWS_MAX_MESSAGE_SIZE`` in the environment and ``--max-message-size`` on
+the command line, and a single default: the field default of :class:`Config`.
+A flag beats the environment, which beats the file, which beats the default.
+``docs/configuration.md`` is printed from the same table
+(``fastws options``), so the docs cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, dataclass, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Config:
+    """Resolved settings of one node. Field names are the option names."""
+
+    host: str = "0.0.0.0"
+    port: int = 8080
+    path: str = "/ws"
+    max_message_size: int = 65536
+    handshake_timeout: float = 5.0
+    close_timeout: float = 2.0
+    node_name: str = ""
+    log_level: str = "info"
+
+
+HELP = {
+    "host": "Address to listen on.",
+    "port": "TCP port for WebSocket upgrades and the HTTP endpoints.",
+    "path": "Path of the channel-protocol WebSocket endpoint.",
+    "max_message_size": "Largest message a client may send, in bytes; a larger one closes "
+    "the connection with 1009.",
+    "handshake_timeout": "Seconds a new TCP connection has to complete the WebSocket "
+    "upgrade before it is dropped.",
+    "close_timeout": "Seconds to wait for the client's answer to a close frame before the "
+    "TCP connection is cut.",
+    "node_name": "Name of this node in welcome frames; empty means host name and pid.",
+    "log_level": "Logging level: debug, info, warning or error.",
+}
+
+_PARSERS: dict[str, Callable[[str], Any]] = {"str": str, "int": int, "float": float}
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+
+    @property
+    def env(self) -> str:
+        return "FASTWS_" + self.name.upper()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+OPTIONS: tuple[Option, ...] = tuple(
+    Option(f.name, _PARSERS[str(f.type)], f.default, HELP[f.name])
+    for f in fields(Config)
+    if f.default is not MISSING
+)
+_BY_NAME = {option.name: option for option in OPTIONS}
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used, named by where it came from."""
+
+
+def _convert(option: Option, value: Any, source: str) -> Any:
+    """Parse a string, or check a TOML value already typed."""
+    if not isinstance(value, str):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{source}: {option.name}: expected {option.parse.__name__}")
+        value = str(value)
+    try:
+        return option.parse(value)
+    except ValueError:
+        raise ConfigError(
+            f"{source}: {option.name}: {value!r} is not a valid {option.parse.__name__}"
+        ) from None
+
+
+def load(
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+    config_file: str | None = None,
+) -> Config:
+    """Resolve every option: flag, then environment, then TOML file, then default."""
+    environ = os.environ if environ is None else environ
+    config_file = config_file or environ.get("FASTWS_CONFIG") or None
+    values: dict[str, Any] = {}
+    if config_file:
+        try:
+            with open(config_file, "rb") as fh:
+                table = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{config_file}: {exc}") from None
+        for key, value in table.items():
+            if key not in _BY_NAME:
+                raise ConfigError(f"{config_file}: unknown option {key!r}")
+            values[key] = _convert(_BY_NAME[key], value, config_file)
+    for option in OPTIONS:
+        if option.env in environ:
+            values[option.name] = _convert(option, environ[option.env], option.env)
+    for name, value in (flags or {}).items():
+        if value is not None:
+            values[name] = _convert(_BY_NAME[name], value, _BY_NAME[name].flag)
+    return Config(**values)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per option; flag defaults stay None so that lower layers show through."""
+    parser.add_argument("--config", metavar="FILE", help="TOML file of options (FASTWS_CONFIG).")
+    for option in OPTIONS:
+        parser.add_argument(
+            option.flag,
+            dest=option.name,
+            metavar=option.name.upper(),
+            help=f"{option.help} ({option.env}, default {option.default!r})",
+        )
+
+
+def from_args(args: argparse.Namespace) -> Config:
+    return load({o.name: getattr(args, o.name) for o in OPTIONS}, config_file=args.config)
+
+
+def markdown_table() -> str:
+    """The options as a Markdown table, for docs/configuration.md."""
+    rows = [
+        "| TOML key | environment | flag | default | meaning |",
+        "|---|---|---|---|---|",
+    ]
+    rows += [
+        f"| `{o.name}` | `{o.env}` | `{o.flag}` | `{o.default!r}` | {o.help} |" for o in OPTIONS
+    ]
+    return "\n".join(rows) + "\n"

@@ -1,0 +1,245 @@
+"""One WebSocket connection: its state, its frame layer and its error fence.
+
+:class:`Connection` sits between picows, which parses frames, and the code
+that handles whole messages: the channel protocol (:mod:`fastws.session`) or
+a user's :class:`fastws.Handler`. It reassembles fragmented messages within
+the size limit, runs the closing handshake, and keeps every exception raised
+while handling a message inside this one connection, which it closes with
+1011 while the node and the other connections go on.
+
+Message handlers may be coroutines. They run eagerly: a handler that
+finishes without waiting costs no task at all, and one that does wait gets a
+task that also runs the messages queued behind it, so a connection's
+messages are always handled one at a time, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import types
+from collections import deque
+from collections.abc import Coroutine, Generator
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, WSUpgradeRequest
+
+if TYPE_CHECKING:
+    from fastws._core.fanout import Outbox
+    from fastws.app import App
+
+logger = logging.getLogger("fastws.connection")
+
+Step = Coroutine[Any, Any, None]
+
+
+class State(Enum):
+    CONNECTING = "connecting"
+    OPEN = "open"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+@types.coroutine
+def _resume(coro: Step, waiting_on: Any) -> Generator[Any, None, None]:
+    """Go on with a coroutine that was started outside a task and then waited."""
+    yield waiting_on
+    yield from coro  # type: ignore[misc]
+
+
+def start_eagerly(step: Step) -> tuple[Step, Any] | None:
+    """Run step until it first waits; None if it finished, else what resumes it.
+
+    Exceptions raised before the first wait propagate to the caller.
+    """
+    try:
+        waiting_on = step.send(None)
+    except StopIteration:
+        return None
+    return step, waiting_on
+
+
+async def finish(step: Step, waiting_on: Any) -> None:
+    """Await the rest of a step that start_eagerly began."""
+    await _resume(step, waiting_on)
+
+
+class Connection(WSListener):  # type: ignore[misc]
+    """Base of every server-side connection; subclasses handle whole messages."""
+
+    def __init__(self, app: App, request: WSUpgradeRequest) -> None:
+        super().__init__()
+        self.app = app
+        self.request = request
+        self.id = secrets.token_hex(8)
+        self.state = State.CONNECTING
+        self.transport: WSTransport | None = None
+        self.outbox: Outbox | None = None
+        self.close_code: int | None = None
+        self._fragments: bytearray | None = None
+        self._fragments_text = False
+        self._queue: deque[Step] | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._close_timer: asyncio.TimerHandle | None = None
+
+    # Hooks for subclasses.
+
+    def opened(self) -> None:
+        """The connection is open; the outbox is ready."""
+
+    def received(self, payload: bytes, text: bool) -> Step | None:
+        """Handle one whole message; may return a coroutine to run in order."""
+        raise NotImplementedError
+
+    def closed(self) -> None:
+        """The TCP connection is gone; ``close_code`` says how it ended."""
+
+    # Sending and closing.
+
+    def send_text(self, payload: bytes) -> None:
+        """Queue a TEXT frame (payload is UTF-8); written at the end of the loop turn."""
+        if self.outbox is not None:
+            self.outbox.send_text(payload)
+
+    def send_binary(self, payload: bytes) -> None:
+        if self.outbox is not None:
+            self.outbox.send_binary(payload)
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Start the closing handshake; the TCP connection is cut if it does not finish."""
+        if self.state is not State.OPEN or self.transport is None:
+            return
+        assert self.outbox is not None
+        self.state = State.CLOSING
+        self.close_code = code
+        self.outbox.flush()
+        self.app.detach(self)
+        self.transport.send_close(WSCloseCode(code), reason.encode()[:123])
+        self._close_timer = asyncio.get_running_loop().call_later(
+            self.app.config.close_timeout, self.transport.disconnect
+        )
+
+    def fail(self, exc: BaseException) -> None:
+        """An unexpected error in this connection's code: log it, close with 1011."""
+        self.app.stats.handler_errors += 1
+        logger.error("connection %s: unhandled error, closing with 1011", self.id, exc_info=exc)
+        self.close(1011, "internal error")
+
+    # picows callbacks.
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+        self.outbox = self.app.hub.outbox(transport)
+        self.state = State.OPEN
+        self.app.connections.add(self)
+        self.app.stats.accepted += 1
+        try:
+            self._run(self.opened())
+        except Exception as exc:
+            self.fail(exc)
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        msg_type = frame.msg_type
+        if msg_type == WSMsgType.TEXT or msg_type == WSMsgType.BINARY:
+            if self._fragments is not None:
+                self._protocol_error(1002, "new message inside a fragmented one")
+            elif frame.fin:
+                self._message(frame.get_payload_as_bytes(), msg_type == WSMsgType.TEXT)
+            else:
+                self._fragments_text = msg_type == WSMsgType.TEXT
+                self._fragments = bytearray()
+                self._add_fragment(frame)
+        elif msg_type == WSMsgType.CONTINUATION:
+            if self._fragments is None:
+                self._protocol_error(1002, "continuation frame without a start")
+            elif self._add_fragment(frame) and frame.fin:
+                payload = bytes(self._fragments)
+                self._fragments = None
+                self._message(payload, self._fragments_text)
+        elif msg_type == WSMsgType.CLOSE:
+            self._peer_closed(frame)
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        if self.state is State.CLOSED:
+            return
+        if self.close_code is None:
+            self.close_code = 1006
+        self.state = State.CLOSED
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+        self.app.detach(self)
+        self.app.connections.discard(self)
+        self._drop_queue()
+        try:
+            self._run(self.closed())
+        except Exception as exc:
+            logger.error("connection %s: error in close handler", self.id, exc_info=exc)
+
+    # Internals.
+
+    def _add_fragment(self, frame: WSFrame) -> bool:
+        assert self._fragments is not None
+        if len(self._fragments) + frame.payload_size > self.app.config.max_message_size:
+            self._fragments = None
+            self._protocol_error(1009, "message too big")
+            return False
+        self._fragments += frame.get_payload_as_memoryview()
+        return True
+
+    def _message(self, payload: bytes, text: bool) -> None:
+        if self.state is not State.OPEN:
+            return
+        self.app.stats.messages_in += 1
+        try:
+            self._run(self.received(payload, text))
+        except Exception as exc:
+            self.fail(exc)
+
+    def _peer_closed(self, frame: WSFrame) -> None:
+        assert self.transport is not None
+        if self.state is State.OPEN:
+            code = int(frame.get_close_code())
+            self.close_code = code
+            self.state = State.CLOSING
+            if self.outbox is not None:
+                self.outbox.flush()
+            self.app.detach(self)
+            self.transport.send_close(WSCloseCode(code) if code else WSCloseCode.OK)
+        self.transport.disconnect()
+
+    def _protocol_error(self, code: int, reason: str) -> None:
+        self.app.stats.protocol_errors += 1
+        self.close(code, reason)
+
+    def _run(self, step: Step | None) -> None:
+        """Run a handler's coroutine now, or after the ones still waiting."""
+        if step is None:
+            return
+        if self._queue is not None:
+            self._queue.append(step)
+            return
+        started = start_eagerly(step)
+        if started is not None:
+            self._queue = deque()
+            self._task = asyncio.get_running_loop().create_task(self._finish(*started))
+
+    async def _finish(self, step: Step, waiting_on: Any) -> None:
+        try:
+            await finish(step, waiting_on)
+            while self._queue:
+                await self._queue.popleft()
+        except Exception as exc:
+            self.fail(exc)
+        finally:
+            self._drop_queue()
+
+    def _drop_queue(self) -> None:
+        """Forget queued handler calls: the connection is closed or has failed."""
+        queue, self._queue = self._queue, None
+        while queue:
+            queue.popleft().close()
+        task, self._task = self._task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
