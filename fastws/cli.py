@@ -15,14 +15,14 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run a standalone node")
     config_module.add_arguments(serve)
-    commands.add_parser("options", help="print every option as a Markdown table")
+    commands.add_parser("options", help="print docs/configuration.md: every option")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "options":
-        sys.stdout.write(config_module.markdown_table())
+        sys.stdout.write(config_module.markdown())
         return 0
     try:
         config = config_module.from_args(args)

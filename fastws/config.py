@@ -135,8 +135,20 @@ def from_args(args: argparse.Namespace) -> Config:
     return load({o.name: getattr(args, o.name) for o in OPTIONS}, config_file=args.config)
 
 
-def markdown_table() -> str:
-    """The options as a Markdown table, for docs/configuration.md."""
+_DOC_HEADER = """\
+# Configuration
+
+Every option has one name in the TOML file (`--config FILE` or
+`FASTWS_CONFIG`), the environment and the command line, and one default.
+A flag beats the environment, which beats the file, which beats the
+default. This page is printed by `fastws options`, and a test keeps the two
+the same.
+
+"""
+
+
+def markdown() -> str:
+    """docs/configuration.md: every option as a row of a Markdown table."""
     rows = [
         "| TOML key | environment | flag | default | meaning |",
         "|---|---|---|---|---|",
@@ -144,4 +156,4 @@ def markdown_table() -> str:
     rows += [
         f"| `{o.name}` | `{o.env}` | `{o.flag}` | `{o.default!r}` | {o.help} |" for o in OPTIONS
     ]
-    return "\n".join(rows) + "\n"
+    return _DOC_HEADER + "\n".join(rows) + "\n"

@@ -1,0 +1,25 @@
+# Build the wheel (with the compiled core) in one stage, run it in a slim one.
+
+FROM python:3.11-slim AS build
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends build-essential \
+    && rm -rf /var/lib/apt/lists/*
+WORKDIR /src
+COPY pyproject.toml setup.py README.md ./
+COPY fastws ./fastws
+RUN pip install --no-cache-dir build \
+    && python -m build --wheel --outdir /wheels .
+
+FROM python:3.11-slim AS runtime
+RUN useradd --create-home --uid 10001 fastws
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+USER fastws
+ENV FASTWS_HOST=0.0.0.0 \
+    FASTWS_PORT=8080
+EXPOSE 8080
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2).status != 200)"]
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["fastws"]
+CMD ["serve"]
