@@ -76,7 +76,7 @@ class Handler(Connection):
     async def unsubscribe(self, channel: str) -> None:
         await self.app.leave(self, channel)
 
-    def opened(self) -> Step | None:  # type: ignore[override]
+    def opened(self) -> Step | None:
         return self.on_connect()
 
     def received(self, payload: bytes, text: bool) -> Step | None:
@@ -89,7 +89,7 @@ class Handler(Connection):
             return None
         return self.on_message(message)
 
-    def closed(self) -> Step | None:  # type: ignore[override]
+    def closed(self) -> Step | None:
         return self.on_disconnect(self.close_code or 1006)
 
 

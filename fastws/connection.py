@@ -46,7 +46,7 @@ class State(Enum):
 def _resume(coro: Step, waiting_on: Any) -> Generator[Any, None, None]:
     """Go on with a coroutine that was started outside a task and then waited."""
     yield waiting_on
-    yield from coro  # type: ignore[misc]
+    yield from coro
 
 
 def start_eagerly(step: Step) -> tuple[Step, Any] | None:
@@ -66,7 +66,7 @@ async def finish(step: Step, waiting_on: Any) -> None:
     await _resume(step, waiting_on)
 
 
-class Connection(WSListener):  # type: ignore[misc]
+class Connection(WSListener):
     """Base of every server-side connection; subclasses handle whole messages."""
 
     def __init__(self, app: App, request: WSUpgradeRequest) -> None:
@@ -86,15 +86,17 @@ class Connection(WSListener):  # type: ignore[misc]
 
     # Hooks for subclasses.
 
-    def opened(self) -> None:
-        """The connection is open; the outbox is ready."""
+    def opened(self) -> Step | None:
+        """The connection is open; the outbox is ready. May return a coroutine."""
+        return None
 
     def received(self, payload: bytes, text: bool) -> Step | None:
         """Handle one whole message; may return a coroutine to run in order."""
         raise NotImplementedError
 
-    def closed(self) -> None:
+    def closed(self) -> Step | None:
         """The TCP connection is gone; ``close_code`` says how it ended."""
+        return None
 
     # Sending and closing.
 
@@ -200,7 +202,7 @@ class Connection(WSListener):  # type: ignore[misc]
     def _peer_closed(self, frame: WSFrame) -> None:
         assert self.transport is not None
         if self.state is State.OPEN:
-            code = int(frame.get_close_code())
+            code = frame.get_close_code().value
             self.close_code = code
             self.state = State.CLOSING
             if self.outbox is not None:

@@ -29,21 +29,31 @@ class AppCollector:
             "fastws_connections_open", "WebSocket connections open now.", len(app.connections)
         )
         yield GaugeMetricFamily(
-            "fastws_channels", "Channels with at least one subscriber on this node.",
+            "fastws_channels",
+            "Channels with at least one subscriber on this node.",
             len(hub.channel_names()),
         )
         counters = (
             ("fastws_connections_accepted", "WebSocket upgrades accepted.", stats.accepted),
             ("fastws_messages_in", "Whole messages received from clients.", stats.messages_in),
-            ("fastws_messages_out", "Frames queued to clients, publications included.",
-             hub.frames_out),
+            (
+                "fastws_messages_out",
+                "Frames queued to clients, publications included.",
+                hub.frames_out,
+            ),
             ("fastws_deliveries", "Publications queued to a subscriber.", hub.deliveries),
             ("fastws_bytes_out", "Bytes handed to client transports.", hub.bytes_out),
             ("fastws_command_errors", "Commands answered with an error.", stats.command_errors),
-            ("fastws_protocol_errors", "Connections failed for a WebSocket protocol violation.",
-             stats.protocol_errors),
-            ("fastws_handler_errors", "Unexpected errors in a connection's handler (closed 1011).",
-             stats.handler_errors),
+            (
+                "fastws_protocol_errors",
+                "Connections failed for a WebSocket protocol violation.",
+                stats.protocol_errors,
+            ),
+            (
+                "fastws_handler_errors",
+                "Unexpected errors in a connection's handler (closed 1011).",
+                stats.handler_errors,
+            ),
         )
         for name, doc, value in counters:
             yield CounterMetricFamily(name, doc, value)
@@ -51,7 +61,7 @@ class AppCollector:
 
 def registry_for(app: App) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(AppCollector(app))  # type: ignore[arg-type]
+    registry.register(AppCollector(app))
     return registry
 
 

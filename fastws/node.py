@@ -20,6 +20,7 @@ from enum import Enum
 from typing import TYPE_CHECKING
 
 from picows import (
+    WSListener,
     WSUpgradeRequest,
     WSUpgradeResponse,
     WSUpgradeResponseWithListener,
@@ -42,7 +43,9 @@ class NodeState(Enum):
     STOPPED = "stopped"
 
 
-def _plain(status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> object:
+def _plain(
+    status: int, body: bytes, content_type: str = "text/plain; charset=utf-8"
+) -> WSUpgradeResponseWithListener:
     headers = {"Content-Type": content_type, "Cache-Control": "no-store"}
     if status == 200:
         response = WSUpgradeResponse.create_ok_response(body, headers)
@@ -86,7 +89,7 @@ class Node:
             ", ".join(self.app.routes) or "no path",
         )
 
-    def route(self, request: WSUpgradeRequest) -> object:
+    def route(self, request: WSUpgradeRequest) -> WSListener | WSUpgradeResponseWithListener | None:
         """Decide, from the request line alone, what a request on the port gets."""
         path = request.path.split(b"?", 1)[0].decode("latin-1")
         cls = self.app.routes.get(path)

@@ -110,7 +110,7 @@ def _since(obj: dict[str, Any], id: int | None) -> Position | None:
         or not _int(since.get("seq"))
         or since["seq"] < 0
     ):
-        raise _bad("'since' must be {\"epoch\": str, \"seq\": int >= 0}", id)
+        raise _bad('\'since\' must be {"epoch": str, "seq": int >= 0}', id)
     return Position(since["epoch"], since["seq"])
 
 

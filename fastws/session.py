@@ -18,6 +18,7 @@ class ChannelSession(Connection):
 
     def opened(self) -> None:
         self.send_text(protocol.encode_welcome(self.id, self.app.node_name))
+        return None
 
     def received(self, payload: bytes, text: bool) -> Step | None:
         if not text:

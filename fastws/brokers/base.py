@@ -31,10 +31,10 @@ class Broker(ABC):
         """Set where this node's publications go; called once by the App."""
         self._deliver = deliver
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027 (a broker with nothing to connect keeps it)
         """Connect; called before the node accepts clients."""
 
-    async def stop(self) -> None:
+    async def stop(self) -> None:  # noqa: B027
         """Disconnect; called after the last client has gone."""
 
     @property
