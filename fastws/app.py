@@ -69,12 +69,18 @@ class Handler(Connection):
         else:
             self.send_binary(bytes(message))
 
-    async def subscribe(self, channel: str) -> None:
-        """Receive the channel's publications (``{"ch", "seq", "data"}`` TEXT frames)."""
-        await self.app.join(self, channel)
+    def subscribe(self, channel: str) -> asyncio.Future[None]:
+        """Receive the channel's publications (``{"ch", "seq", "data"}`` TEXT frames).
 
-    async def unsubscribe(self, channel: str) -> None:
-        await self.app.leave(self, channel)
+        The connection joins the channel at once. Awaiting the returned future
+        is optional: it completes when the broker delivers the channel's
+        publications from every node (at once with the memory broker).
+        """
+        return self.app.start(self.app.join(self, channel))
+
+    def unsubscribe(self, channel: str) -> asyncio.Future[None]:
+        """Stop receiving the channel's publications, at once."""
+        return self.app.start(self.app.leave(self, channel))
 
     def opened(self) -> Step | None:
         return self.on_connect()
@@ -144,14 +150,24 @@ class App:
         if conn.outbox is None:
             return
         for channel in conn.outbox.close():
-            self._in_background(self.broker.unsubscribe(channel))
+            self.start(self.broker.unsubscribe(channel))
 
-    def _in_background(self, step: Step) -> None:
+    def start(self, step: Step) -> asyncio.Future[None]:
+        """Run step now until it first waits, the rest in a task; a future of its end.
+
+        Most steps never wait (the memory broker does not), and those cost no
+        task. An exception raised before the first wait propagates here.
+        """
+        loop = asyncio.get_running_loop()
         started = start_eagerly(step)
-        if started is not None:
-            task = asyncio.get_running_loop().create_task(finish(*started))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+        if started is None:
+            done = loop.create_future()
+            done.set_result(None)
+            return done
+        task = loop.create_task(finish(*started))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     def _deliver(self, channel: str, seq: int, payload: bytes) -> None:
         self.hub.publish(channel, payload)
