@@ -1,0 +1,1 @@
+"""Baseline servers that fastws is measured against, written the obvious way."""

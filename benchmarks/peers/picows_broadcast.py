@@ -1,0 +1,159 @@
+"""A channel broadcast server written the plain way on raw picows.
+
+This is the baseline fastws is measured against: what a competent engineer
+writes in an afternoon with picows + uvloop + orjson, with no tuning. It
+speaks the same frames as fastws for `sub` and `pub` (see PROTOCOL.md), so
+one load generator drives both:
+
+- every connection that sends `{"op": "sub", "ch": ...}` joins the channel;
+- a `pub` is encoded once with orjson as `{"ch", "seq", "data"}` (seq per
+  channel, from 1) and sent by a Python loop, `transport.send()` per
+  subscriber;
+- picows defaults everywhere (read_buffer_init_size and the rest).
+
+Run: python -m benchmarks.peers.picows_broadcast --host 127.0.0.1 --port 9001
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import uuid
+from typing import Any
+
+import orjson
+import uvloop
+from picows import WSListener, WSMsgType, WSTransport, WSUpgradeRequest, ws_create_server
+
+from benchmarks._proc import raise_nofile_limit
+
+TEXT = WSMsgType.TEXT
+
+
+class Channel:
+    __slots__ = ("name", "seq", "subscribers")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.seq = 0
+        self.subscribers: dict[WSTransport, None] = {}  # insertion-ordered set
+
+
+class Hub:
+    """All channels of the process, plus the identity it greets clients with."""
+
+    def __init__(self) -> None:
+        self.channels: dict[str, Channel] = {}
+        self.epoch = uuid.uuid4().hex[:12]
+        self.node = f"picows-{os.getpid()}"
+        self.next_client = 0
+
+    def channel(self, name: str) -> Channel:
+        ch = self.channels.get(name)
+        if ch is None:
+            ch = self.channels[name] = Channel(name)
+        return ch
+
+
+class BroadcastListener(WSListener):
+    """One connection: parse each command, answer it, fan publications out."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+        self.joined: list[Channel] = []
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.hub.next_client += 1
+        welcome = {"welcome": {"client": str(self.hub.next_client), "node": self.hub.node}}
+        transport.send(TEXT, orjson.dumps(welcome))
+
+    def on_ws_frame(self, transport: WSTransport, frame: Any) -> None:
+        if frame.msg_type is TEXT:
+            self.command(transport, frame.get_payload_as_bytes())
+        elif frame.msg_type is WSMsgType.CLOSE:
+            transport.send_close(frame.get_close_code(), frame.get_close_message())
+            transport.disconnect()
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        for ch in self.joined:
+            ch.subscribers.pop(transport, None)
+        self.joined.clear()
+
+    def command(self, transport: WSTransport, raw: bytes) -> None:
+        try:
+            msg = orjson.loads(raw)
+            op, name, cid = msg["op"], msg["ch"], msg.get("id")
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            self.error(transport, None, "bad command")
+            return
+        ch = self.hub.channel(name)
+        if op == "pub":
+            ch.seq += 1
+            payload = orjson.dumps({"ch": name, "seq": ch.seq, "data": msg.get("data")})
+            for sub in ch.subscribers:
+                sub.send(TEXT, payload)
+            if cid is not None:
+                self.reply(transport, {"id": cid, "ok": True, "seq": ch.seq})
+        elif op == "sub":
+            if transport not in ch.subscribers:
+                ch.subscribers[transport] = None
+                self.joined.append(ch)
+            if cid is not None:
+                self.reply(
+                    transport,
+                    {
+                        "id": cid,
+                        "ok": True,
+                        "ch": name,
+                        "epoch": self.hub.epoch,
+                        "seq": ch.seq,
+                        "recovered": False,
+                    },
+                )
+        elif op == "unsub":
+            if ch.subscribers.pop(transport, False) is None:
+                self.joined.remove(ch)
+            if cid is not None:
+                self.reply(transport, {"id": cid, "ok": True})
+        else:
+            self.error(transport, cid, "unknown op")
+
+    @staticmethod
+    def error(transport: WSTransport, cid: Any, message: str) -> None:
+        err = {"code": "bad_request", "message": message}
+        transport.send(TEXT, orjson.dumps({"id": cid, "error": err}))
+
+    @staticmethod
+    def reply(transport: WSTransport, obj: dict[str, Any]) -> None:
+        transport.send(TEXT, orjson.dumps(obj))
+
+
+async def serve(host: str, port: int) -> None:
+    hub = Hub()
+
+    def factory(request: WSUpgradeRequest) -> BroadcastListener | None:
+        path = request.path.split(b"?", 1)[0]
+        return BroadcastListener(hub) if path == b"/ws" else None
+
+    server = await ws_create_server(factory, host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    server.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9001)
+    args = parser.parse_args()
+    raise_nofile_limit()
+    uvloop.run(serve(args.host, args.port))
+
+
+if __name__ == "__main__":
+    main()
