@@ -13,7 +13,8 @@ import asyncio
 import logging
 import os
 import socket
-from dataclasses import dataclass, replace
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import uvloop
@@ -35,10 +36,16 @@ class Stats:
     """Plain counters, bumped on the hot path and read by /metrics when scraped."""
 
     accepted: int = 0
+    refused: Counter[str] = field(default_factory=Counter)
     messages_in: int = 0
     command_errors: int = 0
+    rate_limited: int = 0
+    policy_closes: int = 0
     protocol_errors: int = 0
     handler_errors: int = 0
+    slow_consumers: int = 0
+    pings_sent: int = 0
+    ping_timeouts: int = 0
 
 
 class Handler(Connection):
@@ -109,6 +116,7 @@ class App:
         self.hub = Hub()
         self.routes: dict[str, type[Connection]] = {}
         self.connections: set[Connection] = set()
+        self.connections_per_ip: Counter[str] = Counter()
         self.stats = Stats()
         self.node_name = self._name()
         self._background: set[asyncio.Task[None]] = set()
@@ -144,6 +152,17 @@ class App:
         assert conn.outbox is not None
         if self.hub.unsubscribe(conn.outbox, channel):
             await self.broker.unsubscribe(channel)
+
+    def register(self, conn: Connection) -> None:
+        self.connections.add(conn)
+        self.connections_per_ip[conn.remote_ip] += 1
+        self.stats.accepted += 1
+
+    def unregister(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        self.connections_per_ip[conn.remote_ip] -= 1
+        if self.connections_per_ip[conn.remote_ip] <= 0:
+            del self.connections_per_ip[conn.remote_ip]
 
     def detach(self, conn: Connection) -> None:
         """Take a closing connection out of every channel, telling the broker of the emptied."""

@@ -28,6 +28,15 @@ class Config:
     max_message_size: int = 65536
     handshake_timeout: float = 5.0
     close_timeout: float = 2.0
+    ping_interval: float = 25.0
+    ping_timeout: float = 20.0
+    max_connections: int = 0
+    max_connections_per_ip: int = 0
+    rate_limit: float = 1000.0
+    rate_burst: int = 1000
+    max_bad_commands: int = 10
+    max_send_buffer: int = 1048576
+    drain_period: float = 10.0
     node_name: str = ""
     log_level: str = "info"
 
@@ -42,6 +51,23 @@ HELP = {
     "upgrade before it is dropped.",
     "close_timeout": "Seconds to wait for the client's answer to a close frame before the "
     "TCP connection is cut.",
+    "ping_interval": "Seconds without a frame from a client before the node pings it.",
+    "ping_timeout": "Seconds a pinged client has to send anything (its pong) before its TCP "
+    "connection is cut.",
+    "max_connections": "WebSocket connections this node holds at most; past it upgrades get "
+    "HTTP 503. 0: no limit.",
+    "max_connections_per_ip": "Connections one client address may hold at most; past it "
+    "upgrades get HTTP 429. 0: no limit.",
+    "rate_limit": "Channel-protocol commands per second a connection may send (token bucket); "
+    "past it commands are refused with limit_exceeded. 0: no limit.",
+    "rate_burst": "Size of the rate-limit bucket; a connection refused this many times without "
+    "backing off is closed with 1008.",
+    "max_bad_commands": "Malformed commands a connection may send (one forgiven per second) "
+    "before it is closed with 1008.",
+    "max_send_buffer": "Bytes queued for one connection in the node (its outbox and transport "
+    "buffer) past which it is a slow consumer and is closed with 1013. 0: no limit.",
+    "drain_period": "Seconds over which a draining node spreads the 1001 closes of its "
+    "connections, so that clients do not all reconnect at once.",
     "node_name": "Name of this node in welcome frames; empty means host name and pid.",
     "log_level": "Logging level: debug, info, warning or error.",
 }

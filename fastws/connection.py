@@ -69,15 +69,20 @@ async def finish(step: Step, waiting_on: Any) -> None:
 class Connection(WSListener):
     """Base of every server-side connection; subclasses handle whole messages."""
 
-    def __init__(self, app: App, request: WSUpgradeRequest) -> None:
+    def __init__(self, app: App, request: WSUpgradeRequest, remote_ip: str) -> None:
         super().__init__()
         self.app = app
         self.request = request
+        self.remote_ip = remote_ip
         self.id = secrets.token_hex(8)
         self.state = State.CONNECTING
         self.transport: WSTransport | None = None
         self.outbox: Outbox | None = None
         self.close_code: int | None = None
+        # Keepalive bookkeeping, read by fastws.heartbeat's sweep.
+        self.seen = False
+        self.quiet_since = 0.0
+        self.pinged_at = 0.0
         self._fragments: bytearray | None = None
         self._fragments_text = False
         self._queue: deque[Step] | None = None
@@ -110,7 +115,12 @@ class Connection(WSListener):
             self.outbox.send_binary(payload)
 
     def close(self, code: int = 1000, reason: str = "") -> None:
-        """Start the closing handshake; the TCP connection is cut if it does not finish."""
+        """Start the closing handshake; the TCP connection is cut if it does not finish.
+
+        The close frame follows whatever the outbox holds. The peer then has
+        ``close_timeout`` seconds to answer before the connection is aborted,
+        so a peer that stopped reading cannot keep its buffers alive.
+        """
         if self.state is not State.OPEN or self.transport is None:
             return
         assert self.outbox is not None
@@ -120,8 +130,19 @@ class Connection(WSListener):
         self.app.detach(self)
         self.transport.send_close(WSCloseCode(code), reason.encode()[:123])
         self._close_timer = asyncio.get_running_loop().call_later(
-            self.app.config.close_timeout, self.transport.disconnect
+            self.app.config.close_timeout, self.abort
         )
+
+    def abort(self) -> None:
+        """Cut the TCP connection now, dropping whatever is unsent."""
+        if self.transport is not None and self.state is not State.CLOSED:
+            if self.close_code is None:
+                self.close_code = 1006
+            self.transport.disconnect(graceful=False)
+
+    def ping(self) -> None:
+        if self.transport is not None and self.state is State.OPEN:
+            self.transport.send_ping()
 
     def fail(self, exc: BaseException) -> None:
         """An unexpected error in this connection's code: log it, close with 1011."""
@@ -129,20 +150,27 @@ class Connection(WSListener):
         logger.error("connection %s: unhandled error, closing with 1011", self.id, exc_info=exc)
         self.close(1011, "internal error")
 
+    def _slow_consumer(self, outbox: Outbox) -> None:
+        self.app.stats.slow_consumers += 1
+        logger.info("connection %s: send buffer over its limit, closing with 1013", self.id)
+        self.close(1013, "slow consumer")
+
     # picows callbacks.
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
-        self.outbox = self.app.hub.outbox(transport)
+        self.outbox = self.app.hub.outbox(transport, self.app.config.max_send_buffer)
+        self.outbox.on_overflow = self._slow_consumer
         self.state = State.OPEN
-        self.app.connections.add(self)
-        self.app.stats.accepted += 1
+        self.quiet_since = asyncio.get_running_loop().time()
+        self.app.register(self)
         try:
             self._run(self.opened())
         except Exception as exc:
             self.fail(exc)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        self.seen = True
         msg_type = frame.msg_type
         if msg_type == WSMsgType.TEXT or msg_type == WSMsgType.BINARY:
             if self._fragments is not None:
@@ -172,7 +200,9 @@ class Connection(WSListener):
         if self._close_timer is not None:
             self._close_timer.cancel()
         self.app.detach(self)
-        self.app.connections.discard(self)
+        if self.outbox is not None:
+            self.outbox.on_overflow = None
+        self.app.unregister(self)
         self._drop_queue()
         try:
             self._run(self.closed())

@@ -7,6 +7,7 @@ so counting costs nothing per message beyond an integer add.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     from fastws.app import App
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+REFUSAL_REASONS = ("max_connections", "max_connections_per_ip", "draining")
 
 
 class AppCollector:
@@ -33,6 +35,17 @@ class AppCollector:
             "Channels with at least one subscriber on this node.",
             len(hub.channel_names()),
         )
+        yield GaugeMetricFamily(
+            "fastws_tasks", "asyncio tasks alive in this process.", len(asyncio.all_tasks())
+        )
+        refused = CounterMetricFamily(
+            "fastws_connections_refused",
+            "WebSocket upgrades refused, by reason.",
+            labels=["reason"],
+        )
+        for reason in REFUSAL_REASONS:
+            refused.add_metric([reason], stats.refused[reason])
+        yield refused
         counters = (
             ("fastws_connections_accepted", "WebSocket upgrades accepted.", stats.accepted),
             ("fastws_messages_in", "Whole messages received from clients.", stats.messages_in),
@@ -53,6 +66,23 @@ class AppCollector:
                 "fastws_handler_errors",
                 "Unexpected errors in a connection's handler (closed 1011).",
                 stats.handler_errors,
+            ),
+            ("fastws_rate_limited", "Commands refused with limit_exceeded.", stats.rate_limited),
+            (
+                "fastws_policy_closes",
+                "Connections closed with 1008 for floods or bad commands.",
+                stats.policy_closes,
+            ),
+            (
+                "fastws_slow_consumer_closes",
+                "Connections closed with 1013 as slow consumers.",
+                stats.slow_consumers,
+            ),
+            ("fastws_pings_sent", "Keepalive pings sent to quiet connections.", stats.pings_sent),
+            (
+                "fastws_ping_timeouts",
+                "Connections cut for not answering a ping.",
+                stats.ping_timeouts,
             ),
         )
         for name, doc, value in counters:

@@ -1,39 +1,54 @@
-"""The listener of one process: upgrades, the HTTP endpoints, start and stop.
+"""The listener of one process: upgrades, the HTTP endpoints, start and drain.
 
 picows parses each request on the port and asks :meth:`Node.route` what to
-do with it. WebSocket paths get a new connection object; ``/healthz``,
-``/readyz`` and ``/metrics`` get a plain HTTP response on the same port, so
-probes and scrapers need nothing else; anything else is 404.
+do with it. WebSocket paths get a new connection object, unless a
+connection limit says no (503 node-wide, 429 per client address);
+``/healthz``, ``/readyz`` and ``/metrics`` get a plain HTTP response on the
+same port, so probes and scrapers need nothing else; anything else is 404.
 
-Stopping is a state, not a flag: a node that drains refuses new upgrades
-with 503 and reports 503 on ``/readyz`` while it closes every open
-connection with 1001 (going away), so clients reconnect elsewhere.
+Stopping is a state, not a flag. A draining node keeps its port open, so
+probes still reach it, but answers 503 to upgrades and to ``/readyz``, and
+closes its connections with 1001 (going away) spread evenly over the drain
+period, so that their clients do not all reconnect elsewhere in the same
+instant.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import signal
-import time
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from picows import (
     WSListener,
     WSUpgradeRequest,
     WSUpgradeResponse,
     WSUpgradeResponseWithListener,
-    ws_create_server,
 )
+from picows.picows import WSAutoPingStrategy, WSProtocol  # type: ignore[attr-defined]
 
 from fastws import metrics
+from fastws.heartbeat import Heartbeat
 
 if TYPE_CHECKING:
     from fastws.app import App
     from fastws.connection import Connection
 
 logger = logging.getLogger("fastws.node")
+
+# Pending TCP connections the kernel queues for accept(); a reconnect storm
+# after another node drains arrives here first.
+BACKLOG = 2048
+
+# Initial read buffer of a connection. picows grows it for larger frames; a
+# small start keeps idle connections cheap.
+READ_BUFFER_SIZE = 2048
+
+# A drain closes connections in batches at least this many seconds apart.
+DRAIN_STEP = 0.05
 
 
 class NodeState(Enum):
@@ -66,37 +81,74 @@ class Node:
         self._stopped = asyncio.Event()
         self._stopping: asyncio.Task[None] | None = None
         self._registry = metrics.registry_for(app)
+        self._heartbeat = Heartbeat(app, self.config.ping_interval, self.config.ping_timeout)
+        self._picows_logger = logging.getLogger("picows.server")
 
     async def start(self) -> None:
         await self.app.broker.start()
-        self._server = await ws_create_server(
-            self.route,
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._protocol,
             self.config.host,
             self.config.port,
-            websocket_handshake_timeout=self.config.handshake_timeout,
-            max_frame_size=self.config.max_message_size,
-            enable_auto_pong=True,
-            disconnect_on_exception=True,
+            backlog=BACKLOG,
             reuse_address=True,
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self.state = NodeState.SERVING
+        self._heartbeat.start()
         logger.info(
-            "fastws node %s listening on %s:%d (channels at %s)",
+            "fastws node %s listening on %s:%d (WebSocket paths: %s)",
             self.app.node_name,
             self.config.host,
             self.port,
-            ", ".join(self.app.routes) or "no path",
+            ", ".join(self.app.routes) or "none",
         )
 
-    def route(self, request: WSUpgradeRequest) -> WSListener | WSUpgradeResponseWithListener | None:
-        """Decide, from the request line alone, what a request on the port gets."""
+    def _protocol(self) -> WSProtocol:
+        """A picows protocol whose router knows the peer's address.
+
+        picows hands the router only the request; the address is needed for
+        the per-IP limit, so each protocol gets a router that reads it from
+        its own transport.
+        """
+        config = self.config
+        protocol: WSProtocol
+
+        def route(request: WSUpgradeRequest) -> Any:
+            peer = protocol.transport.underlying_transport.get_extra_info("peername")
+            return self.route(request, peer[0] if peer else "")
+
+        protocol = WSProtocol(
+            None,  # host and port: client side only
+            None,  # path: client side only
+            False,  # is_client_side
+            route,
+            self._picows_logger,
+            True,  # disconnect_on_exception
+            config.handshake_timeout,
+            False,  # auto ping: fastws.heartbeat pings every connection on one timer
+            0.0,
+            0.0,
+            WSAutoPingStrategy.PING_WHEN_IDLE,
+            True,  # answer pings
+            config.max_message_size,
+            None,  # extra response headers
+            READ_BUFFER_SIZE,
+        )
+        return protocol
+
+    def route(
+        self, request: WSUpgradeRequest, remote_ip: str
+    ) -> WSListener | WSUpgradeResponseWithListener | None:
+        """Decide, from the request line and the peer's address, what a request gets."""
         path = request.path.split(b"?", 1)[0].decode("latin-1")
         cls = self.app.routes.get(path)
         if cls is not None:
-            if self.state is not NodeState.SERVING:
-                return _plain(503, b"draining\n")
-            connection: Connection = cls(self.app, request)
+            refusal = self._refusal(remote_ip)
+            if refusal is not None:
+                return refusal
+            connection: Connection = cls(self.app, request, remote_ip)
             return connection
         if path == "/healthz":
             return _plain(200, b"ok\n")
@@ -108,6 +160,22 @@ class Node:
             return _plain(200, metrics.exposition(self._registry), metrics.CONTENT_TYPE)
         return None
 
+    def _refusal(self, remote_ip: str) -> WSUpgradeResponseWithListener | None:
+        config, refused = self.config, self.app.stats.refused
+        if self.state is not NodeState.SERVING:
+            refused["draining"] += 1
+            return _plain(503, b"draining\n")
+        if config.max_connections and len(self.app.connections) >= config.max_connections:
+            refused["max_connections"] += 1
+            return _plain(503, b"too many connections\n")
+        if (
+            config.max_connections_per_ip
+            and self.app.connections_per_ip[remote_ip] >= config.max_connections_per_ip
+        ):
+            refused["max_connections_per_ip"] += 1
+            return _plain(429, b"too many connections from this address\n")
+        return None
+
     def handle_signals(self) -> None:
         """Drain on SIGTERM or SIGINT; a second one stops at once."""
         loop = asyncio.get_running_loop()
@@ -116,34 +184,50 @@ class Node:
 
     def _on_signal(self, sig: signal.Signals) -> None:
         if self._stopping is None:
-            logger.info("%s: draining", sig.name)
+            logger.info("%s: draining over %.1f s", sig.name, self.config.drain_period)
             self._stopping = asyncio.get_running_loop().create_task(self.stop())
         else:
             logger.warning("%s again: stopping now", sig.name)
             self._stopping.cancel()
 
-    async def stop(self, timeout: float = 5.0) -> None:
-        """Stop accepting, close every connection with 1001, wait for them to go."""
+    async def stop(self, drain_period: float | None = None) -> None:
+        """Drain: refuse new clients, close every connection with 1001, then stop.
+
+        The closes are spread evenly over ``drain_period`` (the configured one
+        by default), in random order. Cancelling this coroutine cuts the
+        remaining connections at once.
+        """
         if self.state in (NodeState.DRAINING, NodeState.STOPPED):
             await self._stopped.wait()
             return
+        period = self.config.drain_period if drain_period is None else drain_period
         self.state = NodeState.DRAINING
         try:
-            if self._server is not None:
-                self._server.close()
-            for conn in list(self.app.connections):
-                conn.close(1001, "going away")
-            deadline = time.monotonic() + timeout
-            while self.app.connections and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
+            await self._close_all(period)
+            deadline = asyncio.get_running_loop().time() + self.config.close_timeout + 1.0
+            while self.app.connections and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(DRAIN_STEP)
         finally:
             for conn in list(self.app.connections):
-                if conn.transport is not None:
-                    conn.transport.disconnect(graceful=False)
+                conn.abort()
+            self._heartbeat.stop()
+            if self._server is not None:
+                self._server.close()
             await self.app.broker.stop()
             self.state = NodeState.STOPPED
             self._stopped.set()
             logger.info("fastws node %s stopped", self.app.node_name)
+
+    async def _close_all(self, period: float) -> None:
+        loop = asyncio.get_running_loop()
+        connections = list(self.app.connections)
+        random.shuffle(connections)
+        start = loop.time()
+        for i, conn in enumerate(connections):
+            delay = start + period * i / len(connections) - loop.time()
+            if delay >= DRAIN_STEP:
+                await asyncio.sleep(delay)
+            conn.close(1001, "going away")
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()

@@ -8,30 +8,60 @@ error and the connection stays open.
 
 from __future__ import annotations
 
+import asyncio
+
 from fastws import protocol
 from fastws.connection import Connection, Step
+from fastws.limits import RateLimit, Strikes
 from fastws.protocol import CommandError, ErrorCode
 
 
 class ChannelSession(Connection):
     """One connection speaking the channel protocol."""
 
+    _rate: RateLimit | None = None
+    _strikes: Strikes | None = None
+
     def opened(self) -> None:
+        config = self.app.config
+        if config.rate_limit > 0:
+            self._rate = RateLimit(
+                config.rate_limit, config.rate_burst, asyncio.get_running_loop().time()
+            )
         self.send_text(protocol.encode_welcome(self.id, self.app.node_name))
         return None
 
     def received(self, payload: bytes, text: bool) -> Step | None:
-        if not text:
-            self._answer_error(
-                CommandError(ErrorCode.BAD_REQUEST, "commands are JSON in TEXT frames")
-            )
-            return None
+        verdict = RateLimit.ALLOWED
+        if self._rate is not None:
+            verdict = self._rate.take(asyncio.get_running_loop().time())
+            if verdict == RateLimit.EXHAUSTED:
+                self.app.stats.policy_closes += 1
+                self.close(1008, "rate limit exceeded")
+                return None
         try:
+            if not text:
+                raise CommandError(ErrorCode.BAD_REQUEST, "commands are JSON in TEXT frames")
             command = protocol.parse(payload)
         except CommandError as exc:
             self._answer_error(exc)
+            self._strike()
+            return None
+        if verdict == RateLimit.REFUSED:
+            self.app.stats.rate_limited += 1
+            self._answer_error(
+                CommandError(ErrorCode.LIMIT_EXCEEDED, "too many commands", command.id)
+            )
             return None
         return self._execute(command)
+
+    def _strike(self) -> None:
+        """Count a malformed command; too many close the connection with 1008."""
+        if self._strikes is None:
+            self._strikes = Strikes(self.app.config.max_bad_commands)
+        if self._strikes.add(asyncio.get_running_loop().time()):
+            self.app.stats.policy_closes += 1
+            self.close(1008, "too many malformed commands")
 
     async def _execute(self, command: protocol.Command) -> None:
         try:
