@@ -158,9 +158,13 @@ class Connection(WSListener):
     # picows callbacks.
 
     def on_ws_connected(self, transport: WSTransport) -> None:
+        limit = self.app.config.max_send_buffer
         self.transport = transport
-        self.outbox = self.app.hub.outbox(transport, self.app.config.max_send_buffer)
+        self.outbox = self.app.hub.outbox(transport, limit)
         self.outbox.on_overflow = self._slow_consumer
+        if limit:
+            # Past this the transport calls pause_writing: a slow consumer.
+            transport.underlying_transport.set_write_buffer_limits(high=limit)
         self.state = State.OPEN
         self.quiet_since = asyncio.get_running_loop().time()
         self.app.register(self)
@@ -190,6 +194,13 @@ class Connection(WSListener):
                 self._message(payload, self._fragments_text)
         elif msg_type == WSMsgType.CLOSE:
             self._peer_closed(frame)
+
+    def pause_writing(self) -> None:
+        if self.outbox is not None and self.outbox.limit:
+            self.outbox.overflow()
+
+    def resume_writing(self) -> None:
+        """Nothing to resume: a connection that paused writing is being closed."""
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         if self.state is State.CLOSED:

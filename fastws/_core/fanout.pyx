@@ -8,9 +8,11 @@ subscriber one syscall instead of N. Replies and other per-connection frames
 go through the same outbox, which keeps every byte a client receives in the
 order the server produced it.
 
-Nothing here decides policy. When an outbox passes its limit the core stops
-queueing for it and, after the flush, calls ``on_overflow`` so that Python
-code chooses what to do (close with 1013).
+Nothing here decides policy. When an outbox passes its limit (or its
+transport's buffer does, which the connection reports through
+``Outbox.overflow``) the core stops queueing for it and, after the flush,
+calls ``on_overflow`` so that Python code chooses what to do (close with
+1013).
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
@@ -104,20 +106,28 @@ cdef class Outbox:
         self.capacity = cap
         return 0
 
-    cdef int _overflow(self) except -1:
-        """Stop queueing for this connection and report it after the flush."""
+    cpdef overflow(self):
+        """Stop queueing for this connection and report it after the flush.
+
+        Called by the core when the outbox passes its limit, and by the
+        connection when its transport's buffer passes the same limit (the
+        transport's high-water mark). The report is deferred so that no
+        Python callback runs while a channel's subscribers are iterated.
+        """
+        if self.overflowed:
+            return
         self.overflowed = True
         self.closed = True
         self.size = 0
         self.hub.overflowed.append(self)
         self.hub._schedule_flush()
-        return 0
 
     cdef int _append(self, const char* data, Py_ssize_t n) except -1:
         if self.closed:
             return 0
         if self.limit and self.size + n > self.limit:
-            return self._overflow()
+            self.overflow()
+            return 0
         self._reserve(n)
         memcpy(self.buf + self.size, data, n)
         self.size += n
@@ -130,7 +140,8 @@ cdef class Outbox:
         if self.closed:
             return 0
         if self.limit and self.size + n + MAX_HEADER > self.limit:
-            return self._overflow()
+            self.overflow()
+            return 0
         self._reserve(n + MAX_HEADER)
         h = write_header(<unsigned char*>self.buf + self.size, opcode, n)
         memcpy(self.buf + self.size + h, data, n)
@@ -154,8 +165,6 @@ cdef class Outbox:
             free(self.buf)
             self.buf = NULL
             self.capacity = 0
-        if self.limit and <Py_ssize_t>t.underlying_transport.get_write_buffer_size() > self.limit:
-            self._overflow()
         return 0
 
     cpdef send_text(self, bytes payload):
