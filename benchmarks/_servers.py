@@ -55,6 +55,10 @@ SERVERS = {
             str(port),
             "--log-level",
             "warning",
+            # The publisher sends as fast as the node takes, far past the
+            # default per-connection command rate; the peers have no limit.
+            "--rate-limit",
+            "0",
         ],
         lambda port: _proc.http_ok(HOST, port, "/healthz"),
     ),
