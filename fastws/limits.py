@@ -44,8 +44,10 @@ class RateLimit:
 
 
 class Strikes:
-    """Counts malformed commands, forgiving one per second; True when too many.
+    """Counts malformed commands, forgiving one per whole second; True when too many.
 
+    Forgiving whole seconds only means that ``limit`` bad commands in a
+    row are always too many, however they are spaced within a second.
     A limit of 0 never says too many.
     """
 
@@ -53,10 +55,13 @@ class Strikes:
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
-        self._count = 0.0
+        self._count = 0
         self._stamp = 0.0
 
     def add(self, now: float) -> bool:
-        self._count = max(0.0, self._count - (now - self._stamp)) + 1.0
-        self._stamp = now
+        forgiven = int(now - self._stamp)
+        if forgiven:
+            self._count = max(0, self._count - forgiven)
+            self._stamp += forgiven
+        self._count += 1
         return 0 < self._limit <= self._count
