@@ -165,4 +165,12 @@ def encode_error(id: int | None, code: ErrorCode, message: str) -> bytes:
 
 
 def encode_publication(ch: str, seq: int, data: Any) -> bytes:
-    return orjson.dumps({"ch": ch, "seq": seq, "data": data})
+    """Encode a publication; CommandError(bad_request) when data cannot be encoded.
+
+    orjson reads JSON nested up to 1024 levels but writes at most 254, so a
+    deep enough ``data`` is refused here, before it takes a ``seq``.
+    """
+    try:
+        return orjson.dumps({"ch": ch, "seq": seq, "data": data})
+    except orjson.JSONEncodeError as exc:
+        raise CommandError(ErrorCode.BAD_REQUEST, f"'data' cannot be published: {exc}") from None

@@ -24,8 +24,8 @@ class MemoryBroker(Broker):
 
     async def publish(self, channel: str, data: Any) -> int:
         seq = self._seq.get(channel, 0) + 1
-        self._seq[channel] = seq
         payload = encode_publication(channel, seq, data)
+        self._seq[channel] = seq
         if self._deliver is not None:
             self._deliver(channel, seq, payload)
         return seq
