@@ -176,7 +176,9 @@ class Connection(WSListener):
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         self.seen = True
         msg_type = frame.msg_type
-        if msg_type == WSMsgType.TEXT or msg_type == WSMsgType.BINARY:
+        if frame.rsv1 or frame.rsv2 or frame.rsv3:
+            self._protocol_error(1002, "reserved bits set without an extension")
+        elif msg_type == WSMsgType.TEXT or msg_type == WSMsgType.BINARY:
             if self._fragments is not None:
                 self._protocol_error(1002, "new message inside a fragmented one")
             elif frame.fin:
