@@ -22,6 +22,7 @@ cdef class Outbox:
     cdef int _append(self, const char* data, Py_ssize_t n) except -1
     cdef int _append_frame(self, unsigned char opcode, const char* data, Py_ssize_t n) except -1
     cdef int _write_pending(self) except -1
+    cdef int _shrink(self) except -1
     cpdef overflow(self)
     cpdef send_text(self, bytes payload)
     cpdef send_binary(self, bytes payload)

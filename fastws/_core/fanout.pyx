@@ -32,6 +32,12 @@ cdef Py_ssize_t RETAINED_CAPACITY = 2048
 # outbox's pending bytes, instead of being copied into every outbox.
 cdef Py_ssize_t DIRECT_WRITE_SIZE = 65536
 
+# An outbox holding this much is written at once rather than at the end of
+# the turn: a burst within one turn then costs a few writes, not memory, and
+# the send-buffer limit judges how fast the client reads, not how large a
+# burst is.
+cdef Py_ssize_t EARLY_WRITE_SIZE = 65536
+
 cdef unsigned char OP_TEXT = 0x1
 cdef unsigned char OP_BINARY = 0x2
 
@@ -131,6 +137,8 @@ cdef class Outbox:
         self._reserve(n)
         memcpy(self.buf + self.size, data, n)
         self.size += n
+        if self.size >= EARLY_WRITE_SIZE:
+            return self._write_pending()
         if not self.dirty:
             self.hub._mark_dirty(self)
         return 0
@@ -147,6 +155,8 @@ cdef class Outbox:
         memcpy(self.buf + self.size + h, data, n)
         self.size += h + n
         self.hub.frames_out += 1
+        if self.size >= EARLY_WRITE_SIZE:
+            return self._write_pending()
         if not self.dirty:
             self.hub._mark_dirty(self)
         return 0
@@ -161,7 +171,11 @@ cdef class Outbox:
             return 0
         self.hub.bytes_out += n
         t._fast_write(self.buf, n)
-        if self.capacity > RETAINED_CAPACITY:
+        return 0
+
+    cdef int _shrink(self) except -1:
+        """At the end of a turn, give back a buffer that a burst made large."""
+        if self.capacity > RETAINED_CAPACITY and self.size == 0:
             free(self.buf)
             self.buf = NULL
             self.capacity = 0
@@ -331,6 +345,7 @@ cdef class Hub:
         for o in dirty:
             o.dirty = False
             o._write_pending()
+            o._shrink()
         if self.overflowed:
             overflowed = self.overflowed
             self.overflowed = []
