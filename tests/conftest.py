@@ -14,6 +14,7 @@ import os
 import resource
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -525,3 +526,366 @@ async def proto_client(url: str, *, welcome: bool = True, **kw: Any) -> Any:
 def unique(prefix: str = "ch") -> str:
     """A channel name no other test uses."""
     return f"{prefix}-{os.getpid()}-{time.monotonic_ns()}"
+
+
+# --------------------------------------------------------------------------
+# metrics and /proc figures of a node process
+# --------------------------------------------------------------------------
+
+
+def parse_samples(text: str) -> dict[str, float]:
+    """{sample name with its labels, as written: value} from Prometheus text."""
+    import re
+
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{.*\})?)\s+(\S+)", line)
+        assert m, f"not a Prometheus sample line: {line!r}"
+        samples[m.group(1)] = float(m.group(2))
+    return samples
+
+
+def metric(samples: dict[str, float], name: str, **labels: str) -> float:
+    """The value of ``name`` (summed over label sets, or the one matching ``labels``)."""
+    total, found = 0.0, False
+    for key, value in samples.items():
+        base, _, lab = key.partition("{")
+        if base != name:
+            continue
+        if labels and not all(f'{k}="{v}"' in lab for k, v in labels.items()):
+            continue
+        total += value
+        found = True
+    assert found, f"no sample {name} {labels or ''} among {sorted(samples)}"
+    return total
+
+
+def scrape(port: int, timeout: float = 5.0) -> dict[str, float]:
+    r = http_get(port, "/metrics", timeout=timeout)
+    assert r.status == 200, r
+    return parse_samples(r.text)
+
+
+async def ascrape(port: int, timeout: float = 5.0) -> dict[str, float]:
+    r = await ahttp_get(port, "/metrics", timeout=timeout)
+    assert r.status == 200, r
+    return parse_samples(r.text)
+
+
+def rss_kb(pid: int) -> int:
+    """Resident set size of a process, in kB (VmRSS of /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def wait_exit(node: NodeProcess, timeout: float) -> int | None:
+    """The node's exit code once it exits, or None if it still runs after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rc = node.proc.poll()
+        if rc is not None:
+            return rc
+        await asyncio.sleep(0.02)
+    return None
+
+
+# --------------------------------------------------------------------------
+# a raw-socket WebSocket client, for peers that misbehave below the protocol
+# --------------------------------------------------------------------------
+
+OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+
+
+class PeerClosed(Exception):
+    """The server ended the TCP connection (EOF or reset) without a close frame."""
+
+    def __init__(self, how: str, buffered: bytes = b"") -> None:
+        super().__init__(how)
+        self.how = how
+        self.buffered = buffered
+
+
+def ws_frame(
+    opcode: int,
+    payload: bytes,
+    *,
+    fin: bool = True,
+    mask: bool = True,
+    rsv: int = 0,
+    mask_key: bytes | None = None,
+) -> bytes:
+    """One client frame, masked unless told otherwise."""
+    head = bytearray([(0x80 if fin else 0) | (rsv & 0x7) << 4 | (opcode & 0xF)])
+    n = len(payload)
+    mbit = 0x80 if mask else 0
+    if n < 126:
+        head.append(mbit | n)
+    elif n < 65536:
+        head.append(mbit | 126)
+        head += n.to_bytes(2, "big")
+    else:
+        head.append(mbit | 127)
+        head += n.to_bytes(8, "big")
+    if not mask:
+        return bytes(head) + payload
+    key = mask_key if mask_key is not None else os.urandom(4)
+    head += key
+    if n:
+        # XOR with the repeated key, fast enough for test payloads
+        k = int.from_bytes((key * (n // 4 + 1))[:n], "big")
+        payload = (int.from_bytes(payload, "big") ^ k).to_bytes(n, "big")
+    return bytes(head) + payload
+
+
+def close_payload(code: int, reason: bytes = b"") -> bytes:
+    return code.to_bytes(2, "big") + reason
+
+
+class Frame:
+    __slots__ = ("fin", "opcode", "payload", "rsv")
+
+    def __init__(self, fin: bool, opcode: int, payload: bytes, rsv: int = 0) -> None:
+        self.fin, self.opcode, self.payload, self.rsv = fin, opcode, payload, rsv
+
+    @property
+    def close_code(self) -> int | None:
+        if self.opcode != OP_CLOSE:
+            return None
+        return int.from_bytes(self.payload[:2], "big") if len(self.payload) >= 2 else 1005
+
+    def json(self) -> Any:
+        return json.loads(self.payload)
+
+    def __repr__(self) -> str:
+        return f"Frame(fin={self.fin}, op={self.opcode:#x}, {self.payload[:120]!r})"
+
+
+class RawWS:
+    """A WebSocket client on a plain non-blocking socket, driven by the event loop.
+
+    It reads only when asked to, so a test controls exactly when (and
+    whether) bytes leave the kernel's receive buffer; it sends whatever
+    bytes it is given, valid frames or not.
+    """
+
+    def __init__(self, sock: socket.socket, port: int) -> None:
+        self.sock = sock
+        self.port = port
+        self.buf = bytearray()
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.body = b""
+        self.close_frame: Frame | None = None
+
+    # connecting
+
+    @classmethod
+    async def open(
+        cls,
+        port: int,
+        path: str = "/ws",
+        *,
+        source: str | None = None,
+        rcvbuf: int | None = None,
+        upgrade: bool = True,
+        timeout: float = 5.0,
+    ) -> RawWS:
+        """Connect (from ``source``, with a small ``rcvbuf`` if given) and upgrade."""
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            if rcvbuf is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+            if source is not None:
+                sock.bind((source, 0))
+            await asyncio.wait_for(loop.sock_connect(sock, (HOST, port)), timeout)
+        except BaseException:
+            sock.close()
+            raise
+        ws = cls(sock, port)
+        if upgrade:
+            try:
+                await ws.handshake(path, timeout=timeout)
+            except BaseException:
+                ws.close()
+                raise
+        return ws
+
+    def upgrade_request(self, path: str = "/ws") -> bytes:
+        import base64
+
+        key = base64.b64encode(os.urandom(16)).decode()
+        return (
+            f"GET {path} HTTP/1.1\r\nHost: {HOST}:{self.port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+
+    async def handshake(self, path: str = "/ws", timeout: float = 5.0) -> int:
+        """Send the upgrade request and read the response head; return its status.
+
+        For a refusal (not 101) the body is read too, into ``body``.
+        """
+        await self.send_raw(self.upgrade_request(path))
+        deadline = time.monotonic() + timeout
+        while b"\r\n\r\n" not in self.buf:
+            if not await self._fill(deadline - time.monotonic()):
+                raise PeerClosed("EOF during the handshake", bytes(self.buf))
+        head, _, rest = bytes(self.buf).partition(b"\r\n\r\n")
+        self.buf = bytearray(rest)
+        self.status, self.headers = _parse_head(head)
+        if self.status != 101:
+            want = int(self.headers.get("content-length", "0") or 0)
+            while len(self.buf) < want:
+                if not await self._fill(deadline - time.monotonic()):
+                    break
+            self.body = bytes(self.buf[:want])
+            del self.buf[:want]
+        return self.status
+
+    # bytes
+
+    async def send_raw(self, data: bytes) -> None:
+        await asyncio.get_running_loop().sock_sendall(self.sock, data)
+
+    async def _fill(self, timeout: float) -> bool:
+        """Read once into the buffer; False on EOF, PeerClosed on reset."""
+        if timeout <= 0:
+            raise TimeoutError("nothing from the server in time")
+        loop = asyncio.get_running_loop()
+        try:
+            chunk = await asyncio.wait_for(loop.sock_recv(self.sock, 262144), timeout)
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            raise PeerClosed(f"reset: {exc!r}", bytes(self.buf)) from None
+        if not chunk:
+            return False
+        self.buf += chunk
+        return True
+
+    # frames
+
+    def _parse_one(self) -> Frame | None:
+        b = self.buf
+        if len(b) < 2:
+            return None
+        fin, rsv, opcode = bool(b[0] & 0x80), (b[0] >> 4) & 0x7, b[0] & 0xF
+        masked, n, pos = b[1] & 0x80, b[1] & 0x7F, 2
+        if n == 126:
+            if len(b) < 4:
+                return None
+            n, pos = int.from_bytes(b[2:4], "big"), 4
+        elif n == 127:
+            if len(b) < 10:
+                return None
+            n, pos = int.from_bytes(b[2:10], "big"), 10
+        if masked:
+            pos += 4  # servers do not mask; tolerate it anyway
+        if len(b) < pos + n:
+            return None
+        payload = bytes(b[pos : pos + n])
+        del b[: pos + n]
+        return Frame(fin, opcode, payload, rsv)
+
+    async def recv_frame(self, timeout: float = RECV_TIMEOUT) -> Frame:
+        """The next frame; PeerClosed on EOF/reset without one."""
+        deadline = time.monotonic() + timeout
+        while True:
+            f = self._parse_one()
+            if f is not None:
+                if f.opcode == OP_CLOSE and self.close_frame is None:
+                    self.close_frame = f
+                return f
+            if not await self._fill(deadline - time.monotonic()):
+                raise PeerClosed("EOF", bytes(self.buf))
+
+    async def send_frame(self, opcode: int, payload: bytes, **kw: Any) -> None:
+        await self.send_raw(ws_frame(opcode, payload, **kw))
+
+    async def send_text(self, text: str | bytes) -> None:
+        await self.send_frame(OP_TEXT, text.encode() if isinstance(text, str) else text)
+
+    async def send_json(self, obj: Any) -> None:
+        await self.send_text(json.dumps(obj))
+
+    async def recv_msg(self, timeout: float = RECV_TIMEOUT, *, pong: bool = True) -> Frame:
+        """The next data message (fragments joined) or close frame; pings answered."""
+        deadline = time.monotonic() + timeout
+        parts: list[bytes] = []
+        first: Frame | None = None
+        while True:
+            f = await self.recv_frame(deadline - time.monotonic())
+            if f.opcode == OP_PING:
+                if pong:
+                    await self.send_frame(OP_PONG, f.payload)
+                continue
+            if f.opcode == OP_PONG:
+                continue
+            if f.opcode == OP_CLOSE:
+                return f
+            if first is None:
+                first = f
+            parts.append(f.payload)
+            if f.fin:
+                return Frame(True, first.opcode, b"".join(parts))
+
+    async def recv_json(self, timeout: float = RECV_TIMEOUT) -> Any:
+        f = await self.recv_msg(timeout)
+        assert f.opcode == OP_TEXT, f"expected a TEXT message, got {f!r}"
+        return f.json()
+
+    async def welcome(self, timeout: float = RECV_TIMEOUT) -> dict[str, Any]:
+        w = await self.recv_json(timeout)
+        assert isinstance(w, dict) and "welcome" in w, w
+        return w
+
+    async def request(self, msg: dict[str, Any], timeout: float = RECV_TIMEOUT) -> Any:
+        """Send a command and return the reply with its id; other messages are dropped."""
+        await self.send_json(msg)
+        deadline = time.monotonic() + timeout
+        while True:
+            f = await self.recv_msg(deadline - time.monotonic())
+            assert f.opcode != OP_CLOSE, f"closed with {f.close_code} awaiting {msg!r}"
+            m = f.json()
+            if isinstance(m, dict) and m.get("id") == msg.get("id") and ("ok" in m or "error" in m):
+                return m
+
+    async def wait_close(self, timeout: float = RECV_TIMEOUT) -> tuple[int | None, list[Frame]]:
+        """Read until the server's close frame; answer it. Returns (code, frames before).
+
+        ``code`` is None when the TCP connection ended without a close frame.
+        """
+        frames: list[Frame] = []
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                f = await self.recv_frame(deadline - time.monotonic())
+                if f.opcode == OP_CLOSE:
+                    with contextlib.suppress(OSError):
+                        await self.send_frame(OP_CLOSE, f.payload[:2])
+                    return f.close_code, frames
+                frames.append(f)
+        except PeerClosed:
+            return None, frames
+        except TimeoutError:
+            raise AssertionError(
+                f"the server did not close within {timeout} s; frames meanwhile: {frames[:20]!r}"
+            ) from None
+
+    def abort(self) -> None:
+        """Close with an RST (SO_LINGER 0)."""
+        with contextlib.suppress(OSError):
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
+    def close(self) -> None:
+        self.sock.close()

@@ -20,9 +20,7 @@ def parse_error(payload: bytes | str) -> CommandError:
 def test_each_op_parses_to_its_command() -> None:
     assert protocol.parse(b'{"op":"sub","ch":"a","id":1}') == protocol.Sub(1, "a")
     assert protocol.parse('{"op":"unsub","ch":"a"}') == protocol.Unsub(None, "a")
-    assert protocol.parse(b'{"op":"pub","ch":"a","data":null,"id":3}') == protocol.Pub(
-        3, "a", None
-    )
+    assert protocol.parse(b'{"op":"pub","ch":"a","data":null,"id":3}') == protocol.Pub(3, "a", None)
     assert protocol.parse(
         b'{"op":"history","ch":"a","since":{"epoch":"e","seq":4},"limit":10}'
     ) == protocol.History(None, "a", Position("e", 4), 10)

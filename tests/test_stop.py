@@ -1,4 +1,9 @@
-"""Graceful stop: SIGTERM / SIGINT close every client with 1001 and exit 0."""
+"""Graceful stop: SIGTERM / SIGINT close every client with 1001 and exit 0.
+
+The node spreads its 1001 closes over ``--drain-period`` (10 s by default);
+these tests pass ``--drain-period 1`` so that the bounds below stay short.
+tests/test_drain.py covers the drain itself.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import asyncio
 import contextlib
 import signal
 import time
+from collections.abc import Callable
 
 import pytest
 from conftest import NodeProcess, proto_client, unique
@@ -49,8 +55,10 @@ async def assert_not_accepted(url: str) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-async def test_signal_closes_clients_1001_and_exits_0(fresh_node: NodeProcess, sig: int) -> None:
-    node = fresh_node
+async def test_signal_closes_clients_1001_and_exits_0(
+    node_factory: Callable[..., NodeProcess], sig: int
+) -> None:
+    node = node_factory(args=["--drain-period", "1"])
     ch = unique("stop")
     url = node.ws_url()
     async with proto_client(url) as a, proto_client(url) as b, proto_client(url) as c:
