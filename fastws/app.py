@@ -19,9 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 import uvloop
 
+from fastws import deflate
 from fastws._core.fanout import Hub
 from fastws.brokers import Broker, MemoryBroker
-from fastws.config import Config
+from fastws.config import Config, load
 from fastws.connection import Connection, Step, finish, start_eagerly
 from fastws.session import ChannelSession
 
@@ -110,7 +111,9 @@ class App:
     """What a node serves. Make one, mount handlers, then ``run()`` or ``await serve()``."""
 
     def __init__(self, config: Config | None = None, *, broker: Broker | None = None) -> None:
-        self.config = config or Config()
+        # Without an explicit config, the FASTWS_* variables and FASTWS_CONFIG
+        # apply in library mode as they do to `fastws serve`.
+        self.config = config or load()
         self.broker = broker or MemoryBroker()
         self.broker.attach(self._deliver)
         self.hub = Hub()
@@ -189,7 +192,15 @@ class App:
         return task
 
     def _deliver(self, channel: str, seq: int, payload: bytes) -> None:
-        self.hub.publish(channel, payload)
+        deflated = None
+        config = self.config
+        if config.compression and len(payload) >= config.compression_min_size:
+            # Once per window size in use on this channel, not per subscriber.
+            deflated = {
+                bits: deflate.compress(payload, bits, config.compression_level)
+                for bits in self.hub.deflate_bits(channel)
+            }
+        self.hub.publish(channel, payload, deflated)
 
     async def serve(self, **options: Any) -> Node:
         """Start a node for this app on the running loop; options override the config."""

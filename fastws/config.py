@@ -37,6 +37,9 @@ class Config:
     max_bad_commands: int = 10
     max_send_buffer: int = 1048576
     drain_period: float = 10.0
+    compression: bool = False
+    compression_min_size: int = 256
+    compression_level: int = 6
     node_name: str = ""
     log_level: str = "info"
 
@@ -68,11 +71,31 @@ HELP = {
     "buffer) past which it is a slow consumer and is closed with 1013. 0: no limit.",
     "drain_period": "Seconds over which a draining node spreads the 1001 closes of its "
     "connections, so that clients do not all reconnect at once.",
+    "compression": "Offer permessage-deflate (RFC 7692) to clients that ask for it.",
+    "compression_min_size": "Messages smaller than this many bytes are sent uncompressed.",
+    "compression_level": "zlib level, 1 (fastest) to 9 (smallest); a publication is "
+    "compressed once for all of its subscribers.",
     "node_name": "Name of this node in welcome frames; empty means host name and pid.",
     "log_level": "Logging level: debug, info, warning or error.",
 }
 
-_PARSERS: dict[str, Callable[[str], Any]] = {"str": str, "int": int, "float": float}
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a boolean: {text!r}")
+
+
+_bool.__name__ = "bool"
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "str": str,
+    "int": int,
+    "float": float,
+    "bool": _bool,
+}
 
 
 @dataclass(frozen=True)
@@ -105,6 +128,8 @@ class ConfigError(ValueError):
 
 def _convert(option: Option, value: Any, source: str) -> Any:
     """Parse a string, or check a TOML value already typed."""
+    if isinstance(value, bool) and option.parse is _bool:
+        return value
     if not isinstance(value, str):
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{source}: {option.name}: expected {option.parse.__name__}")
@@ -153,6 +178,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             option.flag,
             dest=option.name,
             metavar=option.name.upper(),
+            # A boolean flag alone means true: `--compression`.
+            nargs="?" if option.parse is _bool else None,
+            const="true" if option.parse is _bool else None,
             help=f"{option.help} ({option.env}, default {option.default!r})",
         )
 

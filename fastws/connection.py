@@ -16,6 +16,7 @@ messages are always handled one at a time, in order.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import logging
 import secrets
 import types
@@ -26,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, WSUpgradeRequest
 
+from fastws import deflate
+
 if TYPE_CHECKING:
     from fastws._core.fanout import Outbox
     from fastws.app import App
@@ -33,6 +36,13 @@ if TYPE_CHECKING:
 logger = logging.getLogger("fastws.connection")
 
 Step = Coroutine[Any, Any, None]
+
+_utf8_decoder = codecs.getincrementaldecoder("utf-8")
+
+
+def valid_close_code(code: int) -> bool:
+    """Whether a peer may send this close code (RFC 6455 7.4, IANA registry)."""
+    return 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
 
 
 class State(Enum):
@@ -79,12 +89,16 @@ class Connection(WSListener):
         self.transport: WSTransport | None = None
         self.outbox: Outbox | None = None
         self.close_code: int | None = None
+        # The deflate window negotiated for what this node sends; 0: none.
+        self.deflate_bits = 0
         # Keepalive bookkeeping, read by fastws.heartbeat's sweep.
         self.seen = False
         self.quiet_since = 0.0
         self.pinged_at = 0.0
         self._fragments: bytearray | None = None
         self._fragments_text = False
+        self._fragments_compressed = False
+        self._utf8: codecs.IncrementalDecoder | None = None
         self._queue: deque[Step] | None = None
         self._task: asyncio.Task[None] | None = None
         self._close_timer: asyncio.TimerHandle | None = None
@@ -107,12 +121,23 @@ class Connection(WSListener):
 
     def send_text(self, payload: bytes) -> None:
         """Queue a TEXT frame (payload is UTF-8); written at the end of the loop turn."""
-        if self.outbox is not None:
+        if self.outbox is None:
+            return
+        if self.deflate_bits and len(payload) >= self.app.config.compression_min_size:
+            self.outbox.send_deflated(self._compress(payload), True)
+        else:
             self.outbox.send_text(payload)
 
     def send_binary(self, payload: bytes) -> None:
-        if self.outbox is not None:
+        if self.outbox is None:
+            return
+        if self.deflate_bits and len(payload) >= self.app.config.compression_min_size:
+            self.outbox.send_deflated(self._compress(payload), False)
+        else:
             self.outbox.send_binary(payload)
+
+    def _compress(self, payload: bytes) -> bytes:
+        return deflate.compress(payload, self.deflate_bits, self.app.config.compression_level)
 
     def close(self, code: int = 1000, reason: str = "") -> None:
         """Start the closing handshake; the TCP connection is cut if it does not finish.
@@ -162,6 +187,7 @@ class Connection(WSListener):
         self.transport = transport
         self.outbox = self.app.hub.outbox(transport, limit)
         self.outbox.on_overflow = self._slow_consumer
+        self.outbox.deflate_bits = self.deflate_bits
         if limit:
             # Past this the transport calls pause_writing: a slow consumer.
             transport.underlying_transport.set_write_buffer_limits(high=limit)
@@ -176,24 +202,22 @@ class Connection(WSListener):
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         self.seen = True
         msg_type = frame.msg_type
-        if frame.rsv1 or frame.rsv2 or frame.rsv3:
+        data = msg_type == WSMsgType.TEXT or msg_type == WSMsgType.BINARY
+        if frame.rsv2 or frame.rsv3 or (frame.rsv1 and not (data and self.deflate_bits)):
+            # RSV1 marks a compressed message, on its first frame only.
             self._protocol_error(1002, "reserved bits set without an extension")
-        elif msg_type == WSMsgType.TEXT or msg_type == WSMsgType.BINARY:
+        elif data:
             if self._fragments is not None:
                 self._protocol_error(1002, "new message inside a fragmented one")
             elif frame.fin:
-                self._message(frame.get_payload_as_bytes(), msg_type == WSMsgType.TEXT)
+                self._message(frame.get_payload_as_bytes(), msg_type == WSMsgType.TEXT, frame.rsv1)
             else:
-                self._fragments_text = msg_type == WSMsgType.TEXT
-                self._fragments = bytearray()
-                self._add_fragment(frame)
+                self._start_fragments(frame)
         elif msg_type == WSMsgType.CONTINUATION:
             if self._fragments is None:
                 self._protocol_error(1002, "continuation frame without a start")
             elif self._add_fragment(frame) and frame.fin:
-                payload = bytes(self._fragments)
-                self._fragments = None
-                self._message(payload, self._fragments_text)
+                self._end_fragments()
         elif msg_type == WSMsgType.CLOSE:
             self._peer_closed(frame)
 
@@ -224,18 +248,50 @@ class Connection(WSListener):
 
     # Internals.
 
+    def _start_fragments(self, frame: WSFrame) -> None:
+        self._fragments = bytearray()
+        self._fragments_text = frame.msg_type == WSMsgType.TEXT
+        self._fragments_compressed = bool(frame.rsv1)
+        if self._fragments_text and not frame.rsv1:
+            # Text is checked as it arrives, so bad UTF-8 fails at its fragment.
+            self._utf8 = _utf8_decoder()
+        self._add_fragment(frame)
+
     def _add_fragment(self, frame: WSFrame) -> bool:
         assert self._fragments is not None
         if len(self._fragments) + frame.payload_size > self.app.config.max_message_size:
-            self._fragments = None
+            self._fragments = self._utf8 = None
             self._protocol_error(1009, "message too big")
             return False
-        self._fragments += frame.get_payload_as_memoryview()
+        chunk = frame.get_payload_as_memoryview()
+        if self._utf8 is not None:
+            try:
+                self._utf8.decode(chunk, final=bool(frame.fin))
+            except UnicodeDecodeError:
+                self._fragments = self._utf8 = None
+                self._protocol_error(1007, "invalid UTF-8 in a text message")
+                return False
+        self._fragments += chunk
         return True
 
-    def _message(self, payload: bytes, text: bool) -> None:
+    def _end_fragments(self) -> None:
+        assert self._fragments is not None
+        payload = bytes(self._fragments)
+        self._fragments = self._utf8 = None
+        self._message(payload, self._fragments_text, self._fragments_compressed)
+
+    def _message(self, payload: bytes, text: bool, compressed: bool = False) -> None:
         if self.state is not State.OPEN:
             return
+        if compressed:
+            try:
+                payload = deflate.decompress(payload, self.app.config.max_message_size)
+            except deflate.MessageTooBig:
+                self._protocol_error(1009, "message too big")
+                return
+            except deflate.DecompressionError:
+                self._protocol_error(1002, "compressed message does not inflate")
+                return
         self.app.stats.messages_in += 1
         try:
             self._run(self.received(payload, text))
@@ -243,15 +299,17 @@ class Connection(WSListener):
             self.fail(exc)
 
     def _peer_closed(self, frame: WSFrame) -> None:
+        """Answer a close frame with the same code (1002 for one a peer may not send)."""
         assert self.transport is not None
         if self.state is State.OPEN:
-            code = frame.get_close_code().value
+            code = frame.get_close_code().value if frame.payload_size >= 2 else 1000
+            reply = code if valid_close_code(code) else 1002
             self.close_code = code
             self.state = State.CLOSING
             if self.outbox is not None:
                 self.outbox.flush()
             self.app.detach(self)
-            self.transport.send_close(WSCloseCode(code) if code else WSCloseCode.OK)
+            self.transport.send_close(WSCloseCode(reply))
         self.transport.disconnect()
 
     def _protocol_error(self, code: int, reason: str) -> None:

@@ -30,7 +30,7 @@ from picows import (
 )
 from picows.picows import WSAutoPingStrategy, WSProtocol  # type: ignore[attr-defined]
 
-from fastws import metrics
+from fastws import deflate, metrics
 from fastws.heartbeat import Heartbeat
 
 if TYPE_CHECKING:
@@ -149,6 +149,15 @@ class Node:
             if refusal is not None:
                 return refusal
             connection: Connection = cls(self.app, request, remote_ip)
+            offer = request.headers.get("Sec-WebSocket-Extensions")
+            if offer and self.config.compression:
+                agreement = deflate.negotiate(offer)
+                if agreement is not None:
+                    connection.deflate_bits = agreement.server_window_bits
+                    response = WSUpgradeResponse.create_101_response(
+                        {"Sec-WebSocket-Extensions": agreement.response}
+                    )
+                    return WSUpgradeResponseWithListener(response, connection)
             return connection
         if path == "/healthz":
             return _plain(200, b"ok\n")

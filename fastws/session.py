@@ -16,6 +16,14 @@ from fastws.limits import RateLimit, Strikes
 from fastws.protocol import CommandError, ErrorCode
 
 
+def _is_utf8(payload: bytes) -> bool:
+    try:
+        payload.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 class ChannelSession(Connection):
     """One connection speaking the channel protocol."""
 
@@ -44,6 +52,9 @@ class ChannelSession(Connection):
                 raise CommandError(ErrorCode.BAD_REQUEST, "commands are JSON in TEXT frames")
             command = protocol.parse(payload)
         except CommandError as exc:
+            if text and not _is_utf8(payload):
+                self._protocol_error(1007, "invalid UTF-8 in a text message")
+                return None
             self._answer_error(exc)
             self._strike()
             return None

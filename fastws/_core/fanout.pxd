@@ -17,15 +17,18 @@ cdef class Outbox:
         public Py_ssize_t limit
         public object on_overflow
         set channels
+        public unsigned char deflate_bits
 
     cdef int _reserve(self, Py_ssize_t extra) except -1
     cdef int _append(self, const char* data, Py_ssize_t n) except -1
-    cdef int _append_frame(self, unsigned char opcode, const char* data, Py_ssize_t n) except -1
+    cdef int _append_frame(self, unsigned char first, const char* data, Py_ssize_t n) except -1
+    cdef int _send(self, const char* frame, Py_ssize_t size) except -1
     cdef int _write_pending(self) except -1
     cdef int _shrink(self) except -1
     cpdef overflow(self)
     cpdef send_text(self, bytes payload)
     cpdef send_binary(self, bytes payload)
+    cpdef send_deflated(self, bytes payload, bint text)
     cpdef flush(self)
     cpdef list close(self)
 
@@ -35,6 +38,7 @@ cdef class Channel:
         readonly str name
         list members
         dict positions
+        Py_ssize_t deflaters[16]
 
 
 cdef class Hub:
@@ -53,7 +57,7 @@ cdef class Hub:
 
     cdef int _mark_dirty(self, Outbox outbox) except -1
     cdef int _schedule_flush(self) except -1
-    cpdef Py_ssize_t publish(self, str channel, bytes payload) except -1
+    cpdef Py_ssize_t publish(self, str channel, bytes payload, dict deflated=*) except -1
     cpdef bint subscribe(self, Outbox outbox, str channel) except -1
     cpdef bint unsubscribe(self, Outbox outbox, str channel) except -1
     cpdef list drop(self, Outbox outbox)

@@ -17,7 +17,7 @@ calls ``on_overflow`` so that Python code chooses what to do (close with
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.stdlib cimport free, realloc
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 
 import asyncio
 
@@ -38,18 +38,26 @@ cdef Py_ssize_t DIRECT_WRITE_SIZE = 65536
 # burst is.
 cdef Py_ssize_t EARLY_WRITE_SIZE = 65536
 
-cdef unsigned char OP_TEXT = 0x1
-cdef unsigned char OP_BINARY = 0x2
+# First header bytes of final frames: FIN, then RSV1 when compressed, opcode.
+cdef unsigned char TEXT = 0x81
+cdef unsigned char BINARY = 0x82
+cdef unsigned char RSV1 = 0x40
+
+# Raw deflate windows a connection may have negotiated: 9 to 15 bits.
+DEF MAX_WINDOW_BITS = 15
 
 # Largest header a server frame needs: 2 bytes + 8 bytes of length, no mask.
 DEF MAX_HEADER = 10
 
 
-cdef inline Py_ssize_t write_header(unsigned char* p, unsigned char opcode,
+cdef inline Py_ssize_t write_header(unsigned char* p, unsigned char first,
                                     Py_ssize_t n) noexcept:
-    """Write an unmasked, final frame header for an n-byte payload; return its size."""
+    """Write an unmasked frame header for an n-byte payload; return its size.
+
+    ``first`` is the header's first byte: FIN, RSV1 (compressed), opcode.
+    """
     cdef int i
-    p[0] = 0x80 | opcode
+    p[0] = first
     if n < 126:
         p[1] = <unsigned char>n
         return 2
@@ -64,12 +72,15 @@ cdef inline Py_ssize_t write_header(unsigned char* p, unsigned char opcode,
     return 10
 
 
+cdef bytes _frame(unsigned char first, bytes payload):
+    cdef unsigned char header[MAX_HEADER]
+    cdef Py_ssize_t h = write_header(header, first, PyBytes_GET_SIZE(payload))
+    return (<char*>header)[:h] + payload
+
+
 def frame(bytes payload, bint text=True):
     """Return the complete server frame for ``payload`` (used by tests and tools)."""
-    cdef unsigned char header[MAX_HEADER]
-    cdef Py_ssize_t h = write_header(header, OP_TEXT if text else OP_BINARY,
-                                     PyBytes_GET_SIZE(payload))
-    return (<char*>header)[:h] + payload
+    return _frame(TEXT if text else BINARY, payload)
 
 
 cdef class Outbox:
@@ -87,6 +98,7 @@ cdef class Outbox:
         self.limit = limit
         self.on_overflow = None
         self.channels = set()
+        self.deflate_bits = 0
 
     def __dealloc__(self):
         free(self.buf)
@@ -143,7 +155,7 @@ cdef class Outbox:
             self.hub._mark_dirty(self)
         return 0
 
-    cdef int _append_frame(self, unsigned char opcode, const char* data, Py_ssize_t n) except -1:
+    cdef int _append_frame(self, unsigned char first, const char* data, Py_ssize_t n) except -1:
         cdef Py_ssize_t h
         if self.closed:
             return 0
@@ -151,7 +163,7 @@ cdef class Outbox:
             self.overflow()
             return 0
         self._reserve(n + MAX_HEADER)
-        h = write_header(<unsigned char*>self.buf + self.size, opcode, n)
+        h = write_header(<unsigned char*>self.buf + self.size, first, n)
         memcpy(self.buf + self.size + h, data, n)
         self.size += h + n
         self.hub.frames_out += 1
@@ -159,6 +171,18 @@ cdef class Outbox:
             return self._write_pending()
         if not self.dirty:
             self.hub._mark_dirty(self)
+        return 0
+
+    cdef int _send(self, const char* frame, Py_ssize_t size) except -1:
+        """Queue a complete frame; one too large to copy goes straight to the transport."""
+        if size <= DIRECT_WRITE_SIZE:
+            return self._append(frame, size)
+        if self.closed:
+            return 0
+        self._write_pending()
+        if not (self.transport.is_disconnected or self.transport.is_close_frame_sent):
+            self.transport._fast_write(frame, size)
+            self.hub.bytes_out += size
         return 0
 
     cdef int _write_pending(self) except -1:
@@ -183,11 +207,16 @@ cdef class Outbox:
 
     cpdef send_text(self, bytes payload):
         """Queue one TEXT frame whose payload is already valid UTF-8."""
-        self._append_frame(OP_TEXT, PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
+        self._append_frame(TEXT, PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
 
     cpdef send_binary(self, bytes payload):
         """Queue one BINARY frame."""
-        self._append_frame(OP_BINARY, PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
+        self._append_frame(BINARY, PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
+
+    cpdef send_deflated(self, bytes payload, bint text):
+        """Queue one frame whose payload is a message compressed by permessage-deflate."""
+        self._append_frame((TEXT if text else BINARY) | RSV1,
+                           PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
 
     cpdef flush(self):
         """Hand what is queued to the transport now (before a close frame, say)."""
@@ -210,6 +239,7 @@ cdef class Channel:
         self.name = name
         self.members = []
         self.positions = {}
+        memset(self.deflaters, 0, sizeof(self.deflaters))
 
     def __len__(self):
         return len(self.members)
@@ -241,6 +271,14 @@ cdef class Hub:
     def channel_names(self):
         return list(self.channels)
 
+    def deflate_bits(self, str channel):
+        """The deflate windows that the channel's compressing subscribers negotiated."""
+        cdef Channel ch = self.channels.get(channel)
+        cdef int bits
+        if ch is None:
+            return []
+        return [bits for bits in range(1, MAX_WINDOW_BITS + 1) if ch.deflaters[bits]]
+
     def subscriber_count(self, str channel):
         ch = self.channels.get(channel)
         return 0 if ch is None else len((<Channel>ch).members)
@@ -269,8 +307,11 @@ cdef class Hub:
             first = True
         if outbox in ch.positions:
             return False
+        if outbox.deflate_bits > MAX_WINDOW_BITS:
+            raise ValueError("deflate_bits is 0 or a window of 9 to 15 bits")
         ch.positions[outbox] = len(ch.members)
         ch.members.append(outbox)
+        ch.deflaters[outbox.deflate_bits] += 1
         outbox.channels.add(channel)
         return first
 
@@ -285,6 +326,7 @@ cdef class Hub:
         if pos < 0:
             return False
         outbox.channels.discard(channel)
+        ch.deflaters[outbox.deflate_bits] -= 1
         last = ch.members.pop()
         if last is not outbox:
             ch.members[pos] = last
@@ -302,12 +344,19 @@ cdef class Hub:
                 emptied.append(name)
         return emptied
 
-    cpdef Py_ssize_t publish(self, str channel, bytes payload) except -1:
-        """Frame payload once and queue it for every subscriber; return how many."""
+    cpdef Py_ssize_t publish(self, str channel, bytes payload, dict deflated=None) except -1:
+        """Frame payload once and queue it for every subscriber; return how many.
+
+        ``deflated`` maps a deflate window to the payload compressed with it:
+        subscribers that negotiated that window get the compressed frame,
+        framed once as well, and every other subscriber the plain one.
+        """
         cdef Channel ch = self.channels.get(channel)
         cdef Py_ssize_t n, h, size, i, count
         cdef Outbox o
         cdef char* grown
+        cdef list compressed = None
+        cdef bytes framed
         if ch is None:
             return 0
         n = PyBytes_GET_SIZE(payload)
@@ -318,19 +367,21 @@ cdef class Hub:
                 raise MemoryError()
             self.frame = grown
             self.frame_capacity = size
-        h = write_header(<unsigned char*>self.frame, OP_TEXT, n)
+        h = write_header(<unsigned char*>self.frame, TEXT, n)
         memcpy(self.frame + h, PyBytes_AS_STRING(payload), n)
         size = h + n
+        if deflated:
+            compressed = [None] * (MAX_WINDOW_BITS + 1)
+            for bits, data in deflated.items():
+                compressed[bits] = _frame(TEXT | RSV1, data)
         count = len(ch.members)
         for i in range(count):
             o = <Outbox>ch.members[i]
-            if size > DIRECT_WRITE_SIZE and not o.closed:
-                o._write_pending()
-                if not (o.transport.is_disconnected or o.transport.is_close_frame_sent):
-                    o.transport._fast_write(self.frame, size)
-                    self.bytes_out += size
+            if o.deflate_bits and compressed is not None and compressed[o.deflate_bits] is not None:
+                framed = <bytes>compressed[o.deflate_bits]
+                o._send(PyBytes_AS_STRING(framed), PyBytes_GET_SIZE(framed))
             else:
-                o._append(self.frame, size)
+                o._send(self.frame, size)
         self.deliveries += count
         self.frames_out += count
         return count
