@@ -218,6 +218,9 @@ class Connection(WSListener):
                 self._protocol_error(1002, "continuation frame without a start")
             elif self._add_fragment(frame) and frame.fin:
                 self._end_fragments()
+        elif msg_type == WSMsgType.PING:
+            # Straight to the socket: a pong never waits behind queued frames.
+            transport.send_pong(frame.get_payload_as_bytes())
         elif msg_type == WSMsgType.CLOSE:
             self._peer_closed(frame)
 

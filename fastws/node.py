@@ -131,7 +131,7 @@ class Node:
             0.0,
             0.0,
             WSAutoPingStrategy.PING_WHEN_IDLE,
-            True,  # answer pings
+            False,  # pings are answered by Connection, after its frame checks
             config.max_message_size,
             None,  # extra response headers
             READ_BUFFER_SIZE,
@@ -149,7 +149,8 @@ class Node:
             if refusal is not None:
                 return refusal
             connection: Connection = cls(self.app, request, remote_ip)
-            offer = request.headers.get("Sec-WebSocket-Extensions")
+            # The header may be split over several lines (RFC 6455 9.1).
+            offer = ", ".join(request.headers.getall("Sec-WebSocket-Extensions", []))
             if offer and self.config.compression:
                 agreement = deflate.negotiate(offer)
                 if agreement is not None:
