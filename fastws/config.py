@@ -167,7 +167,41 @@ def load(
     for name, value in (flags or {}).items():
         if value is not None:
             values[name] = _convert(_BY_NAME[name], value, _BY_NAME[name].flag)
-    return Config(**values)
+    config = Config(**values)
+    _check(config)
+    return config
+
+
+_RANGES = {
+    "port": (0, 65535),
+    "max_message_size": (1, None),
+    "compression_level": (0, 9),
+    "compression_min_size": (0, None),
+    "max_send_buffer": (0, None),
+    "max_connections": (0, None),
+    "max_connections_per_ip": (0, None),
+    "rate_burst": (1, None),
+    "max_bad_commands": (0, None),
+}
+
+
+def _check(config: Config) -> None:
+    """Refuse values that parse but cannot work, before the node starts."""
+    for name, (low, high) in _RANGES.items():
+        value = getattr(config, name)
+        if value < low or (high is not None and value > high):
+            bound = f"{low} to {high}" if high is not None else f"at least {low}"
+            raise ConfigError(f"{name}: {value} is out of range ({bound})")
+    for name in (
+        "handshake_timeout",
+        "close_timeout",
+        "ping_interval",
+        "ping_timeout",
+        "rate_limit",
+        "drain_period",
+    ):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{name}: must not be negative")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -85,3 +85,20 @@ def test_docs_configuration_page_is_what_fastws_options_prints() -> None:
         timeout=30,
     ).stdout
     assert (REPO / "docs" / "configuration.md").read_text() == printed
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"compression_level": "12"}, "compression_level"),
+        ({"port": "70000"}, "port"),
+        ({"max_message_size": "0"}, "max_message_size"),
+        ({"ping_timeout": "-1"}, "ping_timeout"),
+        ({"rate_burst": "0"}, "rate_burst"),
+    ],
+)
+def test_values_that_parse_but_cannot_work_are_refused_at_load(
+    flags: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config.load(flags, {})
