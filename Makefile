@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CORE := $(wildcard fastws/_core/*.pyx fastws/_core/*.pxd)
 
-.PHONY: run test lint bench system-deps clean
+.PHONY: run test lint bench conformance-long system-deps clean
 
 run: $(STAMP)
 	$(BIN)/fastws serve
@@ -23,6 +23,16 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.fanout
+
+# Autobahn's long cases: 9.x (messages up to 16 MiB) and all of the
+# permessage-deflate groups 12 and 13; minutes long, so not part of
+# `make test`, which runs a quick part of them. Reports go to build/autobahn/.
+conformance-long: $(STAMP)
+	FASTWS_MAX_MESSAGE_SIZE=16777216 FASTWS_COMPRESSION=true FASTWS_COMPRESSION_MIN_SIZE=0 \
+	$(BIN)/python examples/echo.py --port 9001 & \
+	echo=$$!; sleep 2; \
+	$(BIN)/kosoku 127.0.0.1:9001 -p 2 -i '9.*' -i '12.*' -i '13.*' -o build/autobahn; \
+	status=$$?; kill $$echo; exit $$status
 
 # System packages: a C compiler and Python headers for the Cython core, venv
 # for the environment. Installed with apt-get only when missing.
