@@ -12,6 +12,13 @@ fanout  N subscribers on one channel and one publisher that keeps at most
 idle    N idle connections each subscribed to one channel; reports the server's
         RSS growth per connection.
 
+--deflate makes every subscriber offer permessage-deflate (the publisher
+does not). picows does not inflate, but hands frames with RSV1 set over as
+they are, which is all a counting subscriber needs; the sentinel inflates
+them to check the order, and counts the bytes each frame took on the wire.
+--data records publishes ~1.2 KB JSON objects (a list of records whose values
+change from one publication to the next) instead of a run of "x".
+
 The server's figures are sampled here, next to the counters, so that CPU and
 deliveries cover exactly the same interval.
 
@@ -23,8 +30,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import sys
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
@@ -37,6 +46,9 @@ from benchmarks import _proc
 TEXT = WSMsgType.TEXT
 CONNECT_TIMEOUT = 10.0
 CONNECT_CONCURRENCY = 64  # stays well under a default listen backlog of 100
+DEFLATE_OFFER = {"Sec-WebSocket-Extensions": "permessage-deflate"}
+DEFLATE_TAIL = b"\x00\x00\xff\xff"  # RFC 7692 7.2.2: appended before inflating
+RECORD_POOL = 512  # distinct publications the publisher cycles through
 
 L = TypeVar("L", bound=WSListener)
 
@@ -60,6 +72,7 @@ class Subscriber(WSListener):
         self.sub_frame = orjson.dumps({"op": "sub", "ch": channel, "id": 1})
         self.count = 0
         self.subscribed = False
+        self.deflate = False  # whether the server accepted permessage-deflate
         self.acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # A failed attempt's future may fail after nobody awaits it: retrieve quietly.
         self.acked.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -67,6 +80,8 @@ class Subscriber(WSListener):
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
+        extensions = transport.response.headers.get("Sec-WebSocket-Extensions") or ""
+        self.deflate = extensions.startswith("permessage-deflate")
         transport.send(TEXT, self.sub_frame)
 
     def on_ws_frame(self, transport: WSTransport, frame: Any) -> None:
@@ -77,7 +92,7 @@ class Subscriber(WSListener):
             return
         if frame.msg_type is not TEXT:
             return
-        msg = orjson.loads(frame.get_payload_as_bytes())
+        msg = orjson.loads(payload_of(frame))
         if msg.get("id") != 1:
             return  # the welcome frame
         if msg.get("ok"):
@@ -93,13 +108,35 @@ class Subscriber(WSListener):
             self.acked.set_exception(ConnectionError("disconnected before the sub ack"))
 
 
+def payload_of(frame: Any) -> bytes:
+    """A frame's message, inflated if it came compressed (RSV1 set)."""
+    payload: bytes = frame.get_payload_as_bytes()
+    if frame.rsv1:
+        return zlib.decompressobj(-15).decompress(payload + DEFLATE_TAIL)
+    return payload
+
+
+def wire_size(payload_size: int) -> int:
+    """Bytes a server-to-client frame takes on the wire: header (unmasked) and payload."""
+    header = 2 if payload_size < 126 else 4 if payload_size < 65536 else 10
+    return header + payload_size
+
+
 class Sentinel(Subscriber):
-    """The subscriber whose count drives the publisher's window; also checks seq order."""
+    """The subscriber whose count drives the publisher's window.
+
+    It also checks seq order and measures what each publication costs on the
+    wire; the server sends every subscriber the same frame, so its figures
+    hold for all.
+    """
 
     def __init__(self, channel: str) -> None:
         super().__init__(channel)
         self.last_seq = 0
         self.seq_errors = 0
+        self.compressed = 0  # frames with RSV1 set
+        self.wire_bytes = 0  # frame headers and payloads, as received
+        self.message_bytes = 0  # the messages, inflated
         self.on_delivery: Callable[[], None] = lambda: None
 
     def on_ws_frame(self, transport: WSTransport, frame: Any) -> None:
@@ -109,7 +146,11 @@ class Sentinel(Subscriber):
         if frame.msg_type is not TEXT:
             return
         self.count += 1
-        seq = orjson.loads(frame.get_payload_as_bytes()).get("seq")
+        self.compressed += frame.rsv1
+        self.wire_bytes += wire_size(frame.payload_size)
+        message = payload_of(frame)
+        self.message_bytes += len(message)
+        seq = orjson.loads(message).get("seq")
         if self.last_seq and seq != self.last_seq + 1:
             self.seq_errors += 1
         self.last_seq = seq
@@ -119,8 +160,8 @@ class Sentinel(Subscriber):
 class Publisher(WSListener):
     """Sends pubs without id (no ack), keeping `window` outstanding against the sentinel."""
 
-    def __init__(self, frame: bytes, window: int, sentinel: Sentinel) -> None:
-        self.frame = frame
+    def __init__(self, frames: list[bytes], window: int, sentinel: Sentinel) -> None:
+        self.frames = frames
         self.window = window
         self.sentinel = sentinel
         self.sent = 0
@@ -134,8 +175,9 @@ class Publisher(WSListener):
     def top_up(self) -> None:
         if not self.running or self.transport is None:
             return
+        frames = self.frames
         for _ in range(self.window - (self.sent - self.sentinel.count)):
-            self.transport.send(TEXT, self.frame)
+            self.transport.send(TEXT, frames[self.sent % len(frames)])
             self.sent += 1
 
     def on_ws_frame(self, transport: WSTransport, frame: Any) -> None:
@@ -149,7 +191,9 @@ class Publisher(WSListener):
         self.running = False
 
 
-async def connect(url: str, make: Callable[[], L], acked: bool = True) -> L:
+async def connect(
+    url: str, make: Callable[[], L], acked: bool = True, headers: dict[str, str] | None = None
+) -> L:
     """One connection, retried a few times: a burst of connects can meet a full backlog.
 
     Each attempt gets a fresh listener, so a late callback from a failed attempt
@@ -159,7 +203,9 @@ async def connect(url: str, make: Callable[[], L], acked: bool = True) -> L:
     for attempt in range(3):
         listener = make()
         try:
-            await asyncio.wait_for(ws_connect(lambda lst=listener: lst, url), CONNECT_TIMEOUT)
+            await asyncio.wait_for(
+                ws_connect(lambda lst=listener: lst, url, extra_headers=headers), CONNECT_TIMEOUT
+            )
             if acked:
                 await asyncio.wait_for(listener.acked, CONNECT_TIMEOUT)  # type: ignore[attr-defined]
             return listener
@@ -172,7 +218,9 @@ async def connect(url: str, make: Callable[[], L], acked: bool = True) -> L:
     raise RuntimeError(f"could not connect to {url}: {last!r}")
 
 
-async def open_subscribers(url: str, n: int, channel: str, what: str) -> list[Subscriber]:
+async def open_subscribers(
+    url: str, n: int, channel: str, what: str, headers: dict[str, str] | None
+) -> list[Subscriber]:
     """n subscribed connections, opened a bounded number at a time."""
     sem = asyncio.Semaphore(CONNECT_CONCURRENCY)
     done = 0
@@ -182,7 +230,7 @@ async def open_subscribers(url: str, n: int, channel: str, what: str) -> list[Su
     async def one() -> Subscriber:
         nonlocal done
         async with sem:
-            sub = await connect(url, lambda: Subscriber(channel))
+            sub = await connect(url, lambda: Subscriber(channel), headers=headers)
         done += 1
         if done % step == 0 and done < n:
             progress(f"{what}: {done}/{n} subscribed")
@@ -220,22 +268,70 @@ class Snapshot:
         self.t = time.perf_counter()
         self.counts = [s.count for s in subs]
         self.pubs = sentinel.count
+        self.wire_bytes = sentinel.wire_bytes
+        self.message_bytes = sentinel.message_bytes
+        self.compressed = sentinel.compressed
         self.server_cpu = _proc.cpu_seconds(pids)
         self.self_cpu = _proc.self_cpu_seconds()
         self.cpus = _proc.cpu_stats()
 
 
+def records(rng: random.Random, n: int) -> dict[str, Any]:
+    """Market-data-like: n records of id, name, price, quantity, time (~1.2 KB for 15)."""
+    ts = 1_764_000_000_000 + rng.randrange(10**9)
+    return {
+        "type": "trades",
+        "ts": ts,
+        "items": [
+            {
+                "id": rng.randrange(10**5),
+                "name": rng.choice(NAMES),
+                "px": round(rng.uniform(5, 900), 2),
+                "qty": rng.randrange(1, 5000),
+                "ts": ts - rng.randrange(5000),
+            }
+            for _ in range(n)
+        ],
+    }
+
+
+NAMES = (
+    "Acme Corp",
+    "Globex",
+    "Initech",
+    "Umbrella",
+    "Stark Industries",
+    "Wayne Enterprises",
+    "Hooli",
+    "Tyrell",
+    "Cyberdyne",
+    "Soylent",
+    "Wonka",
+    "Vandelay Industries",
+)
+
+
+def pub_frames(args: argparse.Namespace) -> list[bytes]:
+    """What the publisher sends, cycled: one filler frame, or many distinct record sets."""
+    if args.data == "filler":
+        datas: list[Any] = ["x" * args.payload_size]
+    else:
+        rng = random.Random(7)
+        datas = [records(rng, args.records) for _ in range(RECORD_POOL)]
+    return [orjson.dumps({"op": "pub", "ch": args.channel, "data": d}) for d in datas]
+
+
 async def run_fanout(args: argparse.Namespace) -> dict[str, Any]:
     pids = _proc.process_tree(args.server_pid)
     server_core, own_core = _proc.only_cpu(args.server_pid), _proc.only_cpu(0)
-    data = "x" * args.payload_size
-    pub_frame = orjson.dumps({"op": "pub", "ch": args.channel, "data": data})
-    subs = await open_subscribers(args.url, args.subscribers - 1, args.channel, "fanout")
+    frames = pub_frames(args)
+    headers = DEFLATE_OFFER if args.deflate else None
+    subs = await open_subscribers(args.url, args.subscribers - 1, args.channel, "fanout", headers)
     # The sentinel subscribes last, so it is likely the last in the server's fanout order.
-    sentinel = await connect(args.url, lambda: Sentinel(args.channel))
+    sentinel = await connect(args.url, lambda: Sentinel(args.channel), headers=headers)
     subs.append(sentinel)
     publisher = await connect(
-        args.url, lambda: Publisher(pub_frame, args.window, sentinel), acked=False
+        args.url, lambda: Publisher(frames, args.window, sentinel), acked=False
     )
     disconnects_before = Stats.disconnects
 
@@ -261,6 +357,7 @@ async def run_fanout(args: argparse.Namespace) -> dict[str, Any]:
     elapsed = b.t - a.t
     per_sub = [y - x for x, y in zip(a.counts, b.counts, strict=True)]
     deliveries = sum(per_sub)
+    pubs = b.pubs - a.pubs
     server_cpu = b.server_cpu - a.server_cpu
     gen_cpu = b.self_cpu - a.self_cpu
 
@@ -274,11 +371,19 @@ async def run_fanout(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "mode": "fanout",
         "subscribers": len(subs),
-        "payload_size": args.payload_size,
+        "data": args.data,
+        "payload_size": args.payload_size if args.data == "filler" else None,
         "window": args.window,
         "elapsed_s": elapsed,
-        "publications": b.pubs - a.pubs,
-        "publications_per_s": (b.pubs - a.pubs) / elapsed,
+        "publications": pubs,
+        "publications_per_s": pubs / elapsed,
+        # From the sentinel over the window: the message as sent to a subscriber
+        # (inflated), and the frame it took on the wire (header included).
+        "message_bytes_per_delivery": (b.message_bytes - a.message_bytes) / pubs if pubs else None,
+        "wire_bytes_per_delivery": (b.wire_bytes - a.wire_bytes) / pubs if pubs else None,
+        "compressed_share": (b.compressed - a.compressed) / pubs if pubs else None,
+        "deflate_offered": args.deflate,
+        "deflate_negotiated": sum(s.deflate for s in subs),
         "deliveries": deliveries,
         "deliveries_per_s": deliveries / elapsed,
         # The server process's own utime+stime: the headline cost per delivery.
@@ -349,11 +454,12 @@ async def run_idle(args: argparse.Namespace) -> dict[str, Any]:
     pids = _proc.process_tree(args.server_pid)
     # One warm connection first, so the baseline already holds the channel and
     # whatever the server allocates lazily on its first client.
-    warm = await connect(args.url, lambda: Subscriber(args.channel))
+    headers = DEFLATE_OFFER if args.deflate else None
+    warm = await connect(args.url, lambda: Subscriber(args.channel), headers=headers)
     before = await settled_rss(pids)
     progress(f"idle: server RSS before {before / 1024:.1f} MiB; opening {args.connections}")
     t0 = time.perf_counter()
-    conns = await open_subscribers(args.url, args.connections, args.channel, "idle")
+    conns = await open_subscribers(args.url, args.connections, args.channel, "idle", headers)
     connect_s = time.perf_counter() - t0
     after = await settled_rss(pids)
     disconnects = Stats.disconnects
@@ -366,6 +472,8 @@ async def run_idle(args: argparse.Namespace) -> dict[str, Any]:
         "rss_before_kb": before,
         "rss_after_kb": after,
         "kb_per_connection": (after - before) / args.connections,
+        "deflate_offered": args.deflate,
+        "deflate_negotiated": sum(c.deflate for c in conns),
         "connect_s": connect_s,
         "disconnects": disconnects,
         "connect_retries": Stats.retries,
@@ -382,7 +490,10 @@ def main() -> None:
     parser.add_argument("--subscribers", type=int, default=1000)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--payload-size", type=int, default=64)
+    parser.add_argument("--payload-size", type=int, default=64, help="filler bytes per pub")
+    parser.add_argument("--data", choices=["filler", "records"], default="filler")
+    parser.add_argument("--records", type=int, default=15, help="records per pub (--data records)")
+    parser.add_argument("--deflate", action="store_true", help="subscribers offer compression")
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--connections", type=int, default=10000)
     args = parser.parse_args()

@@ -41,9 +41,10 @@ class ServerSpec:
     ready: Callable[[int], bool]
 
 
-SERVERS = {
-    "fastws": ServerSpec(
-        "fastws",
+def fastws_spec(*extra: str, name: str = "fastws") -> ServerSpec:
+    """A fastws node; `extra` are more `fastws serve` options (e.g. --compression)."""
+    return ServerSpec(
+        name,
         lambda port: [
             sys.executable,
             "-m",
@@ -59,9 +60,14 @@ SERVERS = {
             # default per-connection command rate; the peers have no limit.
             "--rate-limit",
             "0",
+            *extra,
         ],
         lambda port: _proc.http_ok(HOST, port, "/healthz"),
-    ),
+    )
+
+
+SERVERS = {
+    "fastws": fastws_spec(),
     "picows": ServerSpec(
         "picows",
         lambda port: [

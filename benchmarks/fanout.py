@@ -25,12 +25,13 @@ import signal
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from benchmarks import _proc
-from benchmarks._servers import ROOT, SERVERS, BenchError, run_load, running_server
+from benchmarks._servers import ROOT, SERVERS, BenchError, ServerSpec, run_load, running_server
 
 RESULTS = ROOT / "benchmarks" / "results"
 GENERATOR_BUSY = 0.90  # above this share of its core the generator may be the bottleneck
@@ -83,21 +84,40 @@ def one_round(
         ("fanout", fanout, args.warmup + args.duration + 90),
         ("idle", {"connections": args.idle_connections}, 60 + args.idle_connections / 100),
     ]
+    return run_phases(name, SERVERS[name], rep, phases, cpus)
+
+
+Phase = tuple[str, dict[str, Any], float]  # (generator mode, generator flags, timeout)
+
+
+def run_phases(
+    name: str,
+    spec: ServerSpec,
+    rep: int,
+    phases: list[Phase],
+    cpus: tuple[int | None, int | None],
+    log: Callable[[str], None] = progress,
+) -> dict[str, Any]:
+    """Each phase against its own fresh server; a True flag is passed bare, a False one not."""
     out: dict[str, Any] = {"errors": [], "server_log": [], "exit_notes": []}
     for phase, flags, timeout in phases:
         log_path = RESULTS / "logs" / f"{name}-{phase}-{rep}.log"
         server = None
         try:
-            with running_server(SERVERS[name], cpus[0], log_path) as server:
-                progress(
+            with running_server(spec, cpus[0], log_path) as server:
+                log(
                     f"{name} #{rep} {phase}: server pid {server.proc.pid} on port "
                     f"{server.port}, ready in {server.startup_s:.1f} s"
                 )
-                load_args = [f"--{k}={v}" for k, v in flags.items()]
+                load_args = [
+                    f"--{k}" if v is True else f"--{k}={v}"
+                    for k, v in flags.items()
+                    if v is not False
+                ]
                 out[phase] = run_load(phase, server, cpus[1], load_args, timeout)
-                summarize(name, phase, out[phase])
+                summarize(name, phase, out[phase], log)
         except BenchError as exc:
-            progress(f"{name} #{rep} {phase} FAILED: {exc}")
+            log(f"{name} #{rep} {phase} FAILED: {exc}")
             out["errors"].append(f"{phase}: {exc}")
         if server is not None:
             if server.exit_note:
@@ -106,9 +126,11 @@ def one_round(
     return out
 
 
-def summarize(name: str, phase: str, r: dict[str, Any]) -> None:
+def summarize(
+    name: str, phase: str, r: dict[str, Any], log: Callable[[str], None] = progress
+) -> None:
     if phase == "fanout":
-        progress(
+        log(
             f"{name} fanout: {r['deliveries_per_s']:,.0f} deliveries/s, "
             f"{r['server_us_per_delivery']:.2f} us/delivery (process), "
             f"{fmt(r['server_core_us_per_delivery'], '.2f')} (core); server process "
@@ -117,7 +139,7 @@ def summarize(name: str, phase: str, r: dict[str, Any]) -> None:
             f"other {r['other_cpu_share']:.0%}"
         )
     else:
-        progress(
+        log(
             f"{name} idle: {r['kb_per_connection']:.1f} KB/connection "
             f"({r['connections']} connected in {r['connect_s']:.1f} s)"
         )
@@ -264,6 +286,18 @@ def table(results: dict[str, Any], ratios: dict[str, float | None]) -> str:
     return "\n".join(rows)
 
 
+def wait_for_quiet(seconds: float, log: Callable[[str], None] = progress) -> float:
+    """Wait up to `seconds` for other load to stop; returns the share of a core still busy."""
+    idle_busy = background_load()
+    deadline = time.monotonic() + seconds
+    while idle_busy > OTHER_LOAD and time.monotonic() < deadline:
+        log(f"waiting for a quiet machine: {idle_busy:.0%} of a core busy")
+        idle_busy = background_load(4.0)
+    if idle_busy > OTHER_LOAD:
+        log(f"machine not quiet: {idle_busy:.0%} of a core busy before we start")
+    return idle_busy
+
+
 def background_load(seconds: float = 1.0) -> float:
     """Share of a core busy while we do nothing: is the machine quiet enough to measure?"""
     before = _proc.cpu_stats()["cpu"].busy
@@ -288,8 +322,8 @@ def machine(available: list[int], cpus: tuple[int | None, int | None]) -> dict[s
     }
 
 
-def main() -> int:
-    args = parse_args()
+def setup() -> tuple[list[int], tuple[int | None, int | None]]:
+    """Signals, fd limit and pinning for a driver; the usable CPUs and (server, generator)."""
     # SIGTERM unwinds like Ctrl-C, so every `finally` stops its subprocess.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     _proc.raise_nofile_limit()
@@ -298,19 +332,19 @@ def main() -> int:
         (available[0], available[1]) if len(available) >= 2 else (None, None)
     )
     _proc.pin(cpus[1])  # the driver mostly sleeps; keep it off the server's core
+    return available, cpus
+
+
+def main() -> int:
+    args = parse_args()
+    available, cpus = setup()
     names = [args.only] if args.only else ["fastws", "picows"]
     progress(
         f"servers {names}, {args.repeat} round(s); server on CPU {cpus[0]}, "
         f"generator on CPU {cpus[1]}"
     )
 
-    idle_busy = background_load()
-    deadline = time.monotonic() + args.wait_quiet
-    while idle_busy > OTHER_LOAD and time.monotonic() < deadline:
-        progress(f"waiting for a quiet machine: {idle_busy:.0%} of a core busy")
-        idle_busy = background_load(4.0)
-    if idle_busy > OTHER_LOAD:
-        progress(f"machine not quiet: {idle_busy:.0%} of a core busy before we start")
+    idle_busy = wait_for_quiet(args.wait_quiet)
 
     t0 = time.monotonic()
     results: dict[str, Any] = {}
@@ -329,27 +363,51 @@ def main() -> int:
         "core_per_delivery": compare("server_core_us_per_delivery"),
         "memory_per_connection": compare("kb_per_idle_connection"),
     }
-    notes = findings(results)
+    return report(
+        "fanout",
+        args,
+        t0,
+        machine(available, cpus),
+        idle_busy,
+        results,
+        ratios,
+        findings(results),
+        table(results, ratios),
+    )
+
+
+def report(
+    name: str,
+    args: argparse.Namespace,
+    t0: float,
+    machine_info: dict[str, Any],
+    idle_busy: float,
+    results: dict[str, Any],
+    ratios: dict[str, Any],
+    notes: list[str],
+    table_text: str,
+) -> int:
+    """Write the JSON results, print the table and notes; exit status 1 on errors."""
     if idle_busy > OTHER_LOAD:
         notes.insert(0, f"machine not quiet: {idle_busy:.0%} of a core busy before the run")
-    report = {
-        "benchmark": "fanout",
+    document = {
+        "benchmark": name,
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "wall_s": round(time.monotonic() - t0, 1),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "machine": {**machine(available, cpus), "busy_before_start": idle_busy},
+        "machine": {**machine_info, "busy_before_start": idle_busy},
         "servers": results,
         "ratios": ratios,
         "notes": notes,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    args.output.write_text(json.dumps(document, indent=2) + "\n")
 
-    print(table(results, ratios))
+    print(table_text)
     if notes:
         print("\nnotes:")
         print("\n".join(f"- {n}" for n in notes))
-    progress(f"done in {report['wall_s']} s; results in {args.output}")
+    progress(f"done in {document['wall_s']} s; results in {args.output}")
     failed = any(run["errors"] for res in results.values() for run in res["runs"])
     return 1 if failed else 0
 
