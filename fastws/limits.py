@@ -63,5 +63,8 @@ class Strikes:
         if forgiven:
             self._count = max(0, self._count - forgiven)
             self._stamp += forgiven
+        if self._count == 0:
+            # A clean slate: the next second to forgive starts now.
+            self._stamp = now
         self._count += 1
         return 0 < self._limit <= self._count
