@@ -27,11 +27,12 @@ def _is_utf8(payload: bytes) -> bool:
 class ChannelSession(Connection):
     """One connection speaking the channel protocol."""
 
-    _rate: RateLimit | None = None
-    _strikes: Strikes | None = None
+    __slots__ = ("_rate", "_strikes")
 
     def opened(self) -> None:
         config = self.app.config
+        self._strikes: Strikes | None = None
+        self._rate: RateLimit | None = None
         if config.rate_limit > 0:
             self._rate = RateLimit(
                 config.rate_limit, config.rate_burst, asyncio.get_running_loop().time()
