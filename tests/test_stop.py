@@ -14,21 +14,11 @@ import time
 from collections.abc import Callable
 
 import pytest
-from conftest import NodeProcess, proto_client, unique
+from conftest import NodeProcess, proto_client, unique, wait_exit
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 pytestmark = pytest.mark.timeout(60)
-
-
-async def wait_exit(node: NodeProcess, timeout: float) -> int | None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        rc = node.proc.poll()
-        if rc is not None:
-            return rc
-        await asyncio.sleep(0.02)
-    return None
 
 
 async def drain_until_closed(c: object, timeout: float) -> None:
