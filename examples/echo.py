@@ -1,6 +1,6 @@
 """The classic echo server in library mode: every message comes straight back.
 
-    python examples/echo.py --port 9001
+python examples/echo.py --port 9001
 """
 
 import argparse
