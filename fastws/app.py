@@ -114,7 +114,7 @@ class App:
         # Without an explicit config, the FASTWS_* variables and FASTWS_CONFIG
         # apply in library mode as they do to `fastws serve`.
         self.config = config or load()
-        self.broker = broker or MemoryBroker()
+        self.broker = broker or MemoryBroker(self.config.history_size, self.config.history_ttl)
         self.broker.attach(self._deliver)
         self.hub = Hub()
         self.routes: dict[str, type[Connection]] = {}

@@ -37,6 +37,8 @@ class Config:
     max_bad_commands: int = 10
     max_send_buffer: int = 1048576
     drain_period: float = 10.0
+    history_size: int = 100
+    history_ttl: float = 300.0
     compression: bool = False
     compression_min_size: int = 256
     compression_level: int = 6
@@ -71,6 +73,9 @@ HELP = {
     "buffer) past which it is a slow consumer and is closed with 1013. 0: no limit.",
     "drain_period": "Seconds over which a draining node spreads the 1001 closes of its "
     "connections, so that clients do not all reconnect at once.",
+    "history_size": "Publications each channel keeps for recovery and the history op; "
+    "0 keeps none.",
+    "history_ttl": "Seconds a publication stays in its channel's history.",
     "compression": "Offer permessage-deflate (RFC 7692) to clients that ask for it.",
     "compression_min_size": "Messages smaller than this many bytes are sent uncompressed.",
     "compression_level": "zlib level, 1 (fastest) to 9 (smallest); a publication is "
@@ -182,6 +187,7 @@ _RANGES = {
     "max_connections_per_ip": (0, None),
     "rate_burst": (1, None),
     "max_bad_commands": (0, None),
+    "history_size": (0, None),
 }
 
 
@@ -199,6 +205,7 @@ def _check(config: Config) -> None:
         "ping_timeout",
         "rate_limit",
         "drain_period",
+        "history_ttl",
     ):
         if getattr(config, name) < 0:
             raise ConfigError(f"{name}: must not be negative")

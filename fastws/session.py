@@ -83,10 +83,10 @@ class ChannelSession(Connection):
                 await self._sub(command)
             elif isinstance(command, protocol.Unsub):
                 await self._unsub(command)
+            elif isinstance(command, protocol.History):
+                await self._history(command)
             else:
-                raise CommandError(
-                    ErrorCode.NOT_AVAILABLE, "this node keeps no history or presence yet"
-                )
+                raise CommandError(ErrorCode.NOT_AVAILABLE, "this node keeps no presence yet")
         except CommandError as exc:
             exc.id = command.id
             self._answer_error(exc)
@@ -98,12 +98,15 @@ class ChannelSession(Connection):
 
     async def _sub(self, command: protocol.Sub) -> None:
         # With a broker that does not wait (the memory broker), the join, the
-        # position and the reply all happen in one loop turn, so the reply is
-        # queued before any publication the join lets through.
+        # history look-up, the reply and the replay all happen in one loop
+        # turn, so the reply and the missed publications are queued before
+        # any live publication the join lets through, and none is lost or
+        # sent twice.
         await self.app.join(self, command.ch)
-        position = await self.app.broker.position(command.ch)
-        since = command.since
-        recovered = since is not None and since == position
+        if command.since is None:
+            position, missed = await self.app.broker.position(command.ch), None
+        else:
+            position, missed = await self.app.broker.history(command.ch, command.since)
         if command.id is not None:
             self.send_text(
                 protocol.encode_ok(
@@ -111,8 +114,22 @@ class ChannelSession(Connection):
                     ch=command.ch,
                     epoch=position.epoch,
                     seq=position.seq,
-                    recovered=recovered,
+                    recovered=missed is not None,
                 )
+            )
+        for stored in missed or ():
+            self.send_text(stored.payload)
+
+    async def _history(self, command: protocol.History) -> None:
+        position, kept = await self.app.broker.history(command.ch, command.since, command.limit)
+        if kept is None:
+            raise CommandError(
+                ErrorCode.UNRECOVERABLE, "the history does not reach back to that position"
+            )
+        if command.id is not None:
+            pubs = [{"ch": command.ch, "seq": s.seq, "data": s.data} for s in kept]
+            self.send_text(
+                protocol.encode_ok(command.id, epoch=position.epoch, seq=position.seq, pubs=pubs)
             )
 
     async def _unsub(self, command: protocol.Unsub) -> None:

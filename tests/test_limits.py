@@ -567,7 +567,12 @@ async def test_failed_but_well_formed_commands_are_not_strikes(
     ch = unique("bad")
     try:
         frames = b"".join(
-            ws_frame(OP_TEXT, json.dumps({"op": "history", "ch": ch, "id": i}).encode())
+            ws_frame(
+                OP_TEXT,
+                json.dumps(
+                    {"op": "history", "ch": ch, "since": {"epoch": "gone", "seq": 1}, "id": i}
+                ).encode(),
+            )
             for i in range(20)
         )
         await ws.send_raw(frames)

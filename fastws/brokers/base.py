@@ -14,11 +14,21 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastws.protocol import Position
 
 Deliver = Callable[[str, int, bytes], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """One publication kept in a channel's history."""
+
+    seq: int
+    data: Any
+    payload: bytes  # the publication as subscribers receive it
 
 
 class Broker(ABC):
@@ -57,3 +67,16 @@ class Broker(ABC):
     @abstractmethod
     async def position(self, channel: str) -> Position:
         """The channel's epoch and the seq of its last publication (0 if none)."""
+
+    @abstractmethod
+    async def history(
+        self, channel: str, since: Position | None, limit: int | None = None
+    ) -> tuple[Position, list[Stored] | None]:
+        """The channel's position and its publications after ``since``, oldest first.
+
+        Without ``since``: the last ``limit`` publications kept (all without
+        a limit). With it: every publication after ``since.seq``, or None
+        when that cannot be served whole (another epoch, a position the
+        history no longer reaches back to, or one past the channel's end);
+        a caller is never handed a gap.
+        """
