@@ -8,6 +8,12 @@ from collections.abc import Callable
 from conftest import NodeProcess, proto_client, unique
 
 
+async def epoch_of(c: object, ch: str) -> str:
+    """A channel's epoch (each channel has its own), read with the history op."""
+    reply = await c.request({"op": "history", "ch": ch, "limit": 0})  # type: ignore[attr-defined]
+    return str(reply["epoch"])
+
+
 async def publish(node: NodeProcess, ch: str, values: range) -> int:
     async with proto_client(node.ws_url()) as pub:
         seq = 0
@@ -40,8 +46,7 @@ async def test_sub_since_the_current_position_recovers_nothing_missed(node: Node
     ch = unique("hist")
     seq = await publish(node, ch, range(3))
     async with proto_client(node.ws_url()) as c:
-        probe = await c.sub(unique("other"))
-        r = await c.sub(ch, since={"epoch": probe["epoch"], "seq": seq})
+        r = await c.sub(ch, since={"epoch": await epoch_of(c, ch), "seq": seq})
         assert r["recovered"] is True and r["seq"] == seq
         await publish(node, ch, range(1))
         assert (await c.next_pub(ch))["seq"] == seq + 1
@@ -63,8 +68,7 @@ async def test_a_position_past_the_end_is_not_recovered(node: NodeProcess) -> No
     ch = unique("hist")
     await publish(node, ch, range(2))
     async with proto_client(node.ws_url()) as c:
-        epoch = (await c.sub(unique("other")))["epoch"]
-        r = await c.sub(ch, since={"epoch": epoch, "seq": 10})
+        r = await c.sub(ch, since={"epoch": await epoch_of(c, ch), "seq": 10})
         assert r["recovered"] is False
 
 
@@ -75,7 +79,7 @@ async def test_a_position_older_than_the_history_is_not_recovered(
     ch = unique("hist")
     await publish(node, ch, range(10))  # history keeps seq 6..10
     async with proto_client(node.ws_url()) as c:
-        epoch = (await c.sub(unique("other")))["epoch"]
+        epoch = await epoch_of(c, ch)
         assert (await c.sub(ch, since={"epoch": epoch, "seq": 4}))["recovered"] is False
     async with proto_client(node.ws_url()) as c:
         r = await c.sub(ch, since={"epoch": epoch, "seq": 5})
@@ -88,13 +92,29 @@ async def test_publications_older_than_the_ttl_are_forgotten(
 ) -> None:
     node = node_factory(args=["--history-ttl", "0.5"])
     ch = unique("hist")
-    await publish(node, ch, range(3))
-    await asyncio.sleep(0.8)
     async with proto_client(node.ws_url()) as c:
-        epoch = (await c.sub(unique("other")))["epoch"]
-        assert (await c.sub(ch, since={"epoch": epoch, "seq": 1}))["recovered"] is False
+        await c.sub(ch)  # a subscribed channel keeps its epoch and seq
+        epoch = await epoch_of(c, ch)
+        await publish(node, ch, range(3))
+        await asyncio.sleep(0.8)
         r = await c.request({"op": "history", "ch": ch})
-        assert r["ok"] is True and r["pubs"] == [] and r["seq"] == 3
+        assert r["ok"] is True and r["pubs"] == []
+        assert (r["epoch"], r["seq"]) == (epoch, 3)
+        assert (await c.sub(ch, since={"epoch": epoch, "seq": 1}))["recovered"] is False
+
+
+async def test_an_unused_channel_is_forgotten_and_starts_a_new_epoch(
+    node_factory: Callable[..., NodeProcess],
+) -> None:
+    node = node_factory(args=["--history-ttl", "0.3"])
+    ch = unique("hist")
+    await publish(node, ch, range(3))
+    async with proto_client(node.ws_url()) as c:
+        epoch = await epoch_of(c, ch)
+    await asyncio.sleep(1.0)  # past the TTL, with no subscriber: forgotten
+    async with proto_client(node.ws_url()) as c:
+        r = await c.sub(ch, since={"epoch": epoch, "seq": 3})
+        assert r["recovered"] is False and r["epoch"] != epoch and r["seq"] == 0
 
 
 async def test_a_restarted_node_has_a_new_epoch(node_factory: Callable[..., NodeProcess]) -> None:
