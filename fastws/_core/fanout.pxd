@@ -20,6 +20,8 @@ cdef class Outbox:
         public unsigned char deflate_bits
 
     cdef int _reserve(self, Py_ssize_t extra) except -1
+    cdef bint _make_room(self, Py_ssize_t n) except -1
+    cdef int _queued(self) except -1
     cdef int _append(self, const char* data, Py_ssize_t n) except -1
     cdef int _append_frame(self, unsigned char first, const char* data, Py_ssize_t n) except -1
     cdef int _send(self, const char* frame, Py_ssize_t size) except -1

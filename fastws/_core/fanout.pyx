@@ -140,38 +140,40 @@ cdef class Outbox:
         self.hub.overflowed.append(self)
         self.hub._schedule_flush()
 
-    cdef int _append(self, const char* data, Py_ssize_t n) except -1:
+    cdef bint _make_room(self, Py_ssize_t n) except -1:
+        """Reserve n more bytes; False when closed, or when n would pass the limit."""
         if self.closed:
-            return 0
+            return False
         if self.limit and self.size + n > self.limit:
             self.overflow()
-            return 0
+            return False
         self._reserve(n)
-        memcpy(self.buf + self.size, data, n)
-        self.size += n
+        return True
+
+    cdef int _queued(self) except -1:
+        """After bytes were added: write now if the outbox is large, else at turn's end."""
         if self.size >= EARLY_WRITE_SIZE:
             return self._write_pending()
         if not self.dirty:
             self.hub._mark_dirty(self)
         return 0
 
+    cdef int _append(self, const char* data, Py_ssize_t n) except -1:
+        if not self._make_room(n):
+            return 0
+        memcpy(self.buf + self.size, data, n)
+        self.size += n
+        return self._queued()
+
     cdef int _append_frame(self, unsigned char first, const char* data, Py_ssize_t n) except -1:
         cdef Py_ssize_t h
-        if self.closed:
+        if not self._make_room(n + MAX_HEADER):
             return 0
-        if self.limit and self.size + n + MAX_HEADER > self.limit:
-            self.overflow()
-            return 0
-        self._reserve(n + MAX_HEADER)
         h = write_header(<unsigned char*>self.buf + self.size, first, n)
         memcpy(self.buf + self.size + h, data, n)
         self.size += h + n
         self.hub.frames_out += 1
-        if self.size >= EARLY_WRITE_SIZE:
-            return self._write_pending()
-        if not self.dirty:
-            self.hub._mark_dirty(self)
-        return 0
+        return self._queued()
 
     cdef int _send(self, const char* frame, Py_ssize_t size) except -1:
         """Queue a complete frame; one too large to copy goes straight to the transport."""
