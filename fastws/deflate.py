@@ -18,9 +18,8 @@ from dataclasses import dataclass
 
 EXTENSION = "permessage-deflate"
 _TAIL = b"\x00\x00\xff\xff"
-# zlib refuses a raw deflate window of 8 bits; RFC 7692 section 7.1.2.1 lets
-# a server use a larger window than 8 only when the client allows it, so an
-# offer that insists on 8 is declined.
+# zlib cannot compress with a raw deflate window of 8 bits, so an offer that
+# limits the server's window to 8 (server_max_window_bits=8) is declined.
 MIN_WINDOW_BITS = 9
 MAX_WINDOW_BITS = 15
 
