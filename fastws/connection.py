@@ -39,6 +39,8 @@ Step = Coroutine[Any, Any, None]
 
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")
 
+PING, PONG = WSMsgType.PING.value, WSMsgType.PONG.value  # opcodes for Outbox.control
+
 
 def valid_close_code(code: int) -> bool:
     """Whether a peer may send this close code (RFC 6455 7.4, IANA registry)."""
@@ -105,7 +107,9 @@ class Connection(WSListener):
     def __init__(self, app: App, request: WSUpgradeRequest, remote_ip: str) -> None:
         super().__init__()
         self.app = app
-        self.request = request
+        # The upgrade request (path, query, headers), for handlers that want it;
+        # a connection class with no use for it drops it to save its ~1 KB.
+        self.request: WSUpgradeRequest | None = request
         self.remote_ip = remote_ip
         self.id = secrets.token_hex(8)
         self.state = State.CONNECTING
@@ -189,8 +193,8 @@ class Connection(WSListener):
             self.transport.disconnect(graceful=False)
 
     def ping(self) -> None:
-        if self.transport is not None and self.state is State.OPEN:
-            self.transport.send_ping()
+        if self.outbox is not None and self.state is State.OPEN:
+            self.outbox.control(PING, b"")
 
     def fail(self, exc: BaseException) -> None:
         """An unexpected error in this connection's code: log it, close with 1011."""
@@ -241,9 +245,9 @@ class Connection(WSListener):
                 self._protocol_error(1002, "continuation frame without a start")
             elif self._add_fragment(frame) and frame.fin:
                 self._end_fragments()
-        elif msg_type == WSMsgType.PING:
+        elif msg_type == WSMsgType.PING and self.outbox is not None:
             # Straight to the socket: a pong never waits behind queued frames.
-            transport.send_pong(frame.get_payload_as_bytes())
+            self.outbox.control(PONG, frame.get_payload_as_bytes())
         elif msg_type == WSMsgType.CLOSE:
             self._peer_closed(frame)
 

@@ -31,6 +31,7 @@ class ChannelSession(Connection):
 
     def opened(self) -> None:
         config = self.app.config
+        self.request = None  # everything the channel protocol needs was read at the upgrade
         self._strikes: Strikes | None = None
         self._rate: RateLimit | None = None
         if config.rate_limit > 0:

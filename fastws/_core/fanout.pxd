@@ -16,7 +16,7 @@ cdef class Outbox:
         readonly bint overflowed
         public Py_ssize_t limit
         public object on_overflow
-        set channels
+        list channels
         public unsigned char deflate_bits
 
     cdef int _reserve(self, Py_ssize_t extra) except -1
@@ -28,6 +28,7 @@ cdef class Outbox:
     cdef int _write_pending(self) except -1
     cdef int _shrink(self) except -1
     cpdef overflow(self)
+    cpdef control(self, unsigned char opcode, bytes payload)
     cpdef send_text(self, bytes payload)
     cpdef send_binary(self, bytes payload)
     cpdef send_deflated(self, bytes payload, bint text)

@@ -21,7 +21,7 @@ from libc.string cimport memcpy, memset
 
 import asyncio
 
-from picows.picows cimport WSTransport
+from picows.picows cimport MemoryBuffer, WSTransport
 
 # An outbox keeps a buffer of this size or smaller between flushes, so that a
 # busy subscriber does not realloc every turn, while an idle one holds nothing
@@ -48,6 +48,8 @@ DEF MAX_WINDOW_BITS = 15
 
 # Largest header a server frame needs: 2 bytes + 8 bytes of length, no mask.
 DEF MAX_HEADER = 10
+# RFC 6455 5.5: a control frame's payload.
+DEF MAX_CONTROL_PAYLOAD = 125
 
 
 cdef inline Py_ssize_t write_header(unsigned char* p, unsigned char first,
@@ -97,7 +99,7 @@ cdef class Outbox:
         self.overflowed = False
         self.limit = limit
         self.on_overflow = None
-        self.channels = set()
+        self.channels = []  # few per connection: a list is a quarter of a set's size
         self.deflate_bits = 0
 
     def __dealloc__(self):
@@ -207,6 +209,24 @@ cdef class Outbox:
             self.capacity = 0
         return 0
 
+    cpdef control(self, unsigned char opcode, bytes payload):
+        """Write a ping (0x9) or pong (0xA) now, ahead of anything queued.
+
+        A pong must not wait for the end of the loop turn behind a batch of
+        publications, and a ping measures the peer, not our queue.
+        """
+        cdef unsigned char frame[2 + MAX_CONTROL_PAYLOAD]
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
+        if n > MAX_CONTROL_PAYLOAD:
+            raise ValueError("a control frame carries at most 125 bytes")
+        if self.closed or self.transport.is_disconnected or self.transport.is_close_frame_sent:
+            return
+        frame[0] = 0x80 | opcode
+        frame[1] = <unsigned char>n
+        memcpy(&frame[2], PyBytes_AS_STRING(payload), n)
+        self.transport._fast_write(<char*>frame, 2 + n)
+        self.hub.bytes_out += 2 + n
+
     cpdef send_text(self, bytes payload):
         """Queue one TEXT frame whose payload is already valid UTF-8."""
         self._append_frame(TEXT, PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
@@ -267,7 +287,19 @@ cdef class Hub:
         free(self.frame)
 
     def outbox(self, WSTransport transport, Py_ssize_t limit=0):
-        """Make the outbox of a newly connected transport."""
+        """Make the outbox of a newly connected transport, and slim the transport.
+
+        picows keeps the upgrade request and response (headers and all) on
+        the transport for the connection's life, and a 1 KiB buffer for the
+        frames its own send methods build. By now the connection has read
+        what it needs from the request, and fastws writes its frames from
+        the outbox, so both go: about 2 KB per idle connection. The buffer
+        is replaced by an empty one, which picows grows if it ever sends a
+        close frame. (Private picows fields: see docs/decisions/0002.)
+        """
+        transport.request = None
+        transport.response = None
+        transport._write_buffer = MemoryBuffer(0)
         return Outbox(transport, self, limit)
 
     def channel_names(self):
@@ -314,7 +346,7 @@ cdef class Hub:
         ch.positions[outbox] = len(ch.members)
         ch.members.append(outbox)
         ch.deflaters[outbox.deflate_bits] += 1
-        outbox.channels.add(channel)
+        outbox.channels.append(channel)
         return first
 
     cpdef bint unsubscribe(self, Outbox outbox, str channel) except -1:
@@ -327,7 +359,7 @@ cdef class Hub:
         pos = ch.positions.pop(outbox, -1)
         if pos < 0:
             return False
-        outbox.channels.discard(channel)
+        outbox.channels.remove(channel)
         ch.deflaters[outbox.deflate_bits] -= 1
         last = ch.members.pop()
         if last is not outbox:
