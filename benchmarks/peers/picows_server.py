@@ -1,4 +1,4 @@
-"""A channel broadcast server written the plain way on raw picows.
+"""A channel broadcast (and echo) server written the plain way on raw picows.
 
 This is the baseline fastws is measured against: what a competent engineer
 writes in an afternoon with picows + uvloop + orjson, with no tuning. It
@@ -11,7 +11,11 @@ one load generator drives both:
   subscriber;
 - picows defaults everywhere (read_buffer_init_size and the rest).
 
-Run: python -m benchmarks.peers.picows_broadcast --host 127.0.0.1 --port 9001
+`/echo` sends every frame straight back with its type, the echo of picows'
+own README, so the echo benchmark compares the same idiom across libraries.
+Any other path gets picows' 404.
+
+Run: python -m benchmarks.peers.picows_server --host 127.0.0.1 --port 9001
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from picows import WSListener, WSMsgType, WSTransport, WSUpgradeRequest, ws_crea
 from benchmarks._proc import raise_nofile_limit
 
 TEXT = WSMsgType.TEXT
+# What /echo sends back; pings are answered by picows itself (auto pong).
+DATA = (WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION)
 
 
 class Channel:
@@ -55,6 +61,17 @@ class Hub:
         if ch is None:
             ch = self.channels[name] = Channel(name)
         return ch
+
+
+class EchoListener(WSListener):
+    """One /echo connection: each frame goes back as is (type, payload, fin)."""
+
+    def on_ws_frame(self, transport: WSTransport, frame: Any) -> None:
+        if frame.msg_type is WSMsgType.CLOSE:
+            transport.send_close(frame.get_close_code(), frame.get_close_message())
+            transport.disconnect()
+        elif frame.msg_type in DATA:
+            transport.send(frame.msg_type, frame.get_payload_as_bytes(), frame.fin)
 
 
 class BroadcastListener(WSListener):
@@ -133,9 +150,13 @@ class BroadcastListener(WSListener):
 async def serve(host: str, port: int) -> None:
     hub = Hub()
 
-    def factory(request: WSUpgradeRequest) -> BroadcastListener | None:
+    def factory(request: WSUpgradeRequest) -> WSListener | None:
         path = request.path.split(b"?", 1)[0]
-        return BroadcastListener(hub) if path == b"/ws" else None
+        if path == b"/ws":
+            return BroadcastListener(hub)
+        if path == b"/echo":
+            return EchoListener()
+        return None  # picows answers 404
 
     server = await ws_create_server(factory, host, port)
     stop = asyncio.Event()
