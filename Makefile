@@ -21,8 +21,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check fastws tests benchmarks examples
 	$(BIN)/mypy
 
+# Every scenario against fastws and its peers, three runs each (~30 minutes);
+# `python -m benchmarks --help` for one scenario, fewer servers or runs.
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.fanout
+	$(BIN)/python -m benchmarks
 
 # Autobahn's long cases: 9.x (messages up to 16 MiB) and all of the
 # permessage-deflate groups 12 and 13; minutes long, so not part of
@@ -36,9 +38,10 @@ conformance-long: $(STAMP)
 	status=$$?; kill $$echo; exit $$status
 
 # System packages: a C compiler and Python headers for the Cython core, venv
-# for the environment. Installed with apt-get only when missing.
+# for the environment, Chromium for the browser-client tests. Installed with
+# apt-get only when missing.
 system-deps:
-	@bash scripts/system-deps.sh
+	@bash scripts/system-deps.sh test
 
 $(STAMP): pyproject.toml setup.py $(CORE)
 	@bash scripts/system-deps.sh

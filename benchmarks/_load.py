@@ -1,6 +1,6 @@
-"""The load generator: picows clients on uvloop, run as its own (pinned) process.
+"""The generator's clients, and the loads made of subscribers.
 
-Two modes, each printing one JSON object on stdout and progress on stderr:
+Each mode returns one dict of figures (see _generator.py for how it is run):
 
 fanout  N subscribers on one channel and one publisher that keeps at most
         `window` publications outstanding (sent minus those seen by a sentinel
@@ -12,6 +12,10 @@ fanout  N subscribers on one channel and one publisher that keeps at most
 idle    N idle connections each subscribed to one channel; reports the server's
         RSS growth per connection.
 
+latency N subscribers and a publisher sending at a steady rate, each
+        publication carrying its send time; reports the distribution of
+        publish-to-deliver times over all deliveries.
+
 --deflate makes every subscriber offer permessage-deflate (the publisher
 does not). picows does not inflate, but hands frames with RSV1 set over as
 they are, which is all a counting subscriber needs; the sentinel inflates
@@ -21,27 +25,23 @@ change from one publication to the next) instead of a run of "x".
 
 The server's figures are sampled here, next to the counters, so that CPU and
 deliveries cover exactly the same interval.
-
-Run: python -m benchmarks._load fanout --url ws://127.0.0.1:P/ws --server-pid PID
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import sys
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, TypeVar
 
-import orjson
-import uvloop
 from picows import WSError, WSListener, WSMsgType, WSTransport, ws_connect
 
 from benchmarks import _proc
+from benchmarks._wire import Dialect
 
 TEXT = WSMsgType.TEXT
 CONNECT_TIMEOUT = 10.0
@@ -50,7 +50,7 @@ DEFLATE_OFFER = {"Sec-WebSocket-Extensions": "permessage-deflate"}
 DEFLATE_TAIL = b"\x00\x00\xff\xff"  # RFC 7692 7.2.2: appended before inflating
 RECORD_POOL = 512  # distinct publications the publisher cycles through
 
-L = TypeVar("L", bound=WSListener)
+L = TypeVar("L", bound="Client")
 
 
 def progress(msg: str) -> None:
@@ -65,47 +65,98 @@ class Stats:
     server_errors: ClassVar[list[str]] = []
 
 
-class Subscriber(WSListener):
-    """Subscribes on connect; once acked, only counts frames (the generator's hot path)."""
+class Client(WSListener):
+    """Greets the server the way its dialect wants; `ready` resolves once it is in.
 
-    def __init__(self, channel: str) -> None:
-        self.sub_frame = orjson.dumps({"op": "sub", "ch": channel, "id": 1})
-        self.count = 0
-        self.subscribed = False
-        self.deflate = False  # whether the server accepted permessage-deflate
-        self.acked: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        # A failed attempt's future may fail after nobody awaits it: retrieve quietly.
-        self.acked.add_done_callback(lambda f: f.cancelled() or f.exception())
+    Servers on the channel protocol send a welcome frame, echo paths send
+    nothing (`expect_welcome=False`), Socket.IO needs its namespace handshake.
+    """
+
+    def __init__(self, dialect: Dialect, expect_welcome: bool = True) -> None:
+        self.dialect = dialect
+        self.expect_welcome = expect_welcome
         self.transport: WSTransport | None = None
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # A failed attempt's future may fail after nobody awaits it: retrieve quietly.
+        self.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
-        extensions = transport.response.headers.get("Sec-WebSocket-Extensions") or ""
-        self.deflate = extensions.startswith("permessage-deflate")
-        transport.send(TEXT, self.sub_frame)
+        hello = self.dialect.hello()
+        if hello is not None:
+            transport.send(TEXT, hello)
+        if not self.expect_welcome:
+            self.on_ready(transport)
 
     def on_ws_frame(self, transport: WSTransport, frame: Any) -> None:
-        if self.subscribed:
-            # After the ack only publications arrive (picows answers PINGs itself);
-            # not checking msg_type halves this callback's cost, the generator's hot path.
-            self.count += 1
-            return
         if frame.msg_type is not TEXT:
             return
-        msg = orjson.loads(payload_of(frame))
-        if msg.get("id") != 1:
-            return  # the welcome frame
-        if msg.get("ok"):
-            self.subscribed = True
-            if not self.acked.done():
-                self.acked.set_result(None)
-        elif not self.acked.done():
-            self.acked.set_exception(RuntimeError(f"sub refused: {msg}"))
+        payload = payload_of(frame)
+        if self.answer(transport, payload):
+            return
+        if not self.ready.done() and self.dialect.is_welcome(payload):
+            self.on_ready(transport)
+        else:
+            self.on_message(transport, payload)
+
+    def answer(self, transport: WSTransport, payload: bytes) -> bool:
+        """Answer what the dialect wants answered (Engine.IO pings); True if it was one."""
+        reply = self.dialect.ping_reply(payload)
+        if reply is not None:
+            transport.send(TEXT, reply)
+        return reply is not None
+
+    def on_ready(self, transport: WSTransport) -> None:
+        self.ready.set_result(None)
+
+    def on_message(self, transport: WSTransport, payload: bytes) -> None:
+        """Anything after the greeting; subclasses that care override it."""
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         Stats.disconnects += 1
-        if not self.acked.done():
-            self.acked.set_exception(ConnectionError("disconnected before the sub ack"))
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError("disconnected before it was ready"))
+
+
+class Subscriber(Client):
+    """Subscribes once in; `ready` resolves on the sub reply, then it only counts frames."""
+
+    SUB_ID = 1
+
+    def __init__(self, dialect: Dialect, channel: str) -> None:
+        super().__init__(dialect)
+        self.sub_frame = dialect.sub(channel, self.SUB_ID)
+        self.count = 0
+        self.subscribed = False
+        self.deflate = False  # whether the server accepted permessage-deflate
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        extensions = transport.response.headers.get("Sec-WebSocket-Extensions") or ""
+        self.deflate = extensions.startswith("permessage-deflate")
+        super().on_ws_connected(transport)
+
+    def on_ready(self, transport: WSTransport) -> None:
+        transport.send(TEXT, self.sub_frame)  # `ready` waits for its reply
+
+    def on_ws_frame(self, transport: WSTransport, frame: Any) -> None:
+        # The generator's hot path: after the reply only publications arrive, but
+        # for Engine.IO's one-byte pings, which must be answered, not counted.
+        if self.subscribed and frame.payload_size != 1:
+            self.count += 1
+        else:
+            super().on_ws_frame(transport, frame)
+
+    def on_message(self, transport: WSTransport, payload: bytes) -> None:
+        if self.subscribed:
+            return
+        id, body = self.dialect.reply(payload)
+        if id != self.SUB_ID or self.ready.done():
+            return
+        if body and body.get("ok"):
+            self.subscribed = True
+            self.ready.set_result(None)
+        else:
+            self.ready.set_exception(RuntimeError(f"sub refused: {body}"))
 
 
 def payload_of(frame: Any) -> bytes:
@@ -130,8 +181,8 @@ class Sentinel(Subscriber):
     hold for all.
     """
 
-    def __init__(self, channel: str) -> None:
-        super().__init__(channel)
+    def __init__(self, dialect: Dialect, channel: str) -> None:
+        super().__init__(dialect, channel)
         self.last_seq = 0
         self.seq_errors = 0
         self.compressed = 0  # frames with RSV1 set
@@ -140,37 +191,34 @@ class Sentinel(Subscriber):
         self.on_delivery: Callable[[], None] = lambda: None
 
     def on_ws_frame(self, transport: WSTransport, frame: Any) -> None:
-        if not self.subscribed:
+        if not self.subscribed or frame.msg_type is not TEXT or frame.payload_size == 1:
             super().on_ws_frame(transport, frame)
-            return
-        if frame.msg_type is not TEXT:
             return
         self.count += 1
         self.compressed += frame.rsv1
         self.wire_bytes += wire_size(frame.payload_size)
         message = payload_of(frame)
         self.message_bytes += len(message)
-        seq = orjson.loads(message).get("seq")
+        seq = int(self.dialect.publication(message)["seq"])
         if self.last_seq and seq != self.last_seq + 1:
             self.seq_errors += 1
         self.last_seq = seq
         self.on_delivery()
 
 
-class Publisher(WSListener):
-    """Sends pubs without id (no ack), keeping `window` outstanding against the sentinel."""
+class Publisher(Client):
+    """Sends pubs without id (no reply), keeping `window` outstanding against the sentinel."""
 
-    def __init__(self, frames: list[bytes], window: int, sentinel: Sentinel) -> None:
+    def __init__(
+        self, dialect: Dialect, frames: list[bytes], window: int, sentinel: Sentinel
+    ) -> None:
+        super().__init__(dialect)
         self.frames = frames
         self.window = window
         self.sentinel = sentinel
         self.sent = 0
         self.running = False
-        self.transport: WSTransport | None = None
         sentinel.on_delivery = self.top_up
-
-    def on_ws_connected(self, transport: WSTransport) -> None:
-        self.transport = transport
 
     def top_up(self) -> None:
         if not self.running or self.transport is None:
@@ -180,20 +228,17 @@ class Publisher(WSListener):
             self.transport.send(TEXT, frames[self.sent % len(frames)])
             self.sent += 1
 
-    def on_ws_frame(self, transport: WSTransport, frame: Any) -> None:
-        if frame.msg_type is TEXT:
-            msg = orjson.loads(frame.get_payload_as_bytes())
-            if "error" in msg and len(Stats.server_errors) < 10:
-                Stats.server_errors.append(str(msg["error"]))
+    def on_message(self, transport: WSTransport, payload: bytes) -> None:
+        _, body = self.dialect.reply(payload)
+        if body and "error" in body and len(Stats.server_errors) < 10:
+            Stats.server_errors.append(str(body["error"]))
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
-        Stats.disconnects += 1
+        super().on_ws_disconnected(transport)
         self.running = False
 
 
-async def connect(
-    url: str, make: Callable[[], L], acked: bool = True, headers: dict[str, str] | None = None
-) -> L:
+async def connect(url: str, make: Callable[[], L], headers: dict[str, str] | None = None) -> L:
     """One connection, retried a few times: a burst of connects can meet a full backlog.
 
     Each attempt gets a fresh listener, so a late callback from a failed attempt
@@ -206,39 +251,42 @@ async def connect(
             await asyncio.wait_for(
                 ws_connect(lambda lst=listener: lst, url, extra_headers=headers), CONNECT_TIMEOUT
             )
-            if acked:
-                await asyncio.wait_for(listener.acked, CONNECT_TIMEOUT)  # type: ignore[attr-defined]
+            await asyncio.wait_for(listener.ready, CONNECT_TIMEOUT)
             return listener
         except (TimeoutError, OSError, WSError) as exc:
             last = exc
             Stats.retries += 1
-            if listener.transport is not None:  # type: ignore[attr-defined]
-                listener.transport.disconnect(graceful=False)  # type: ignore[attr-defined]
+            if listener.transport is not None:
+                listener.transport.disconnect(graceful=False)
             await asyncio.sleep(0.2 * (attempt + 1))
     raise RuntimeError(f"could not connect to {url}: {last!r}")
 
 
-async def open_subscribers(
-    url: str, n: int, channel: str, what: str, headers: dict[str, str] | None
-) -> list[Subscriber]:
-    """n subscribed connections, opened a bounded number at a time."""
+async def open_many(
+    args: argparse.Namespace,
+    n: int,
+    make: Callable[[], L],
+    what: str,
+    headers: dict[str, str] | None = None,
+) -> list[L]:
+    """n ready connections, opened a bounded number at a time."""
     sem = asyncio.Semaphore(CONNECT_CONCURRENCY)
     done = 0
     step = max(1000, n // 5)
     t0 = time.perf_counter()
 
-    async def one() -> Subscriber:
+    async def one() -> L:
         nonlocal done
         async with sem:
-            sub = await connect(url, lambda: Subscriber(channel), headers=headers)
+            client = await connect(args.url, make, headers=headers)
         done += 1
         if done % step == 0 and done < n:
-            progress(f"{what}: {done}/{n} subscribed")
-        return sub
+            progress(f"{what}: {done}/{n} connected")
+        return client
 
-    subs = await asyncio.gather(*(one() for _ in range(n)))
-    progress(f"{what}: {n} subscribed in {time.perf_counter() - t0:.1f} s")
-    return list(subs)
+    clients = await asyncio.gather(*(one() for _ in range(n)))
+    progress(f"{what}: {n} connected in {time.perf_counter() - t0:.1f} s")
+    return list(clients)
 
 
 def close_all(listeners: list[Any]) -> None:
@@ -261,19 +309,64 @@ async def settled_rss(pids: list[int], timeout: float = 4.0) -> int:
     return samples[-1]
 
 
-class Snapshot:
-    """Everything read at one instant of the measurement window."""
+class Sample:
+    """The clock and every CPU counter, read at one instant of the measurement window."""
 
-    def __init__(self, subs: list[Subscriber], sentinel: Sentinel, pids: list[int]) -> None:
+    def __init__(self, pids: list[int], count: int) -> None:
         self.t = time.perf_counter()
-        self.counts = [s.count for s in subs]
-        self.pubs = sentinel.count
-        self.wire_bytes = sentinel.wire_bytes
-        self.message_bytes = sentinel.message_bytes
-        self.compressed = sentinel.compressed
+        self.count = count  # operations done so far: deliveries, echoes, handshakes
         self.server_cpu = _proc.cpu_seconds(pids)
         self.self_cpu = _proc.self_cpu_seconds()
         self.cpus = _proc.cpu_stats()
+
+
+def window_figures(a: Sample, b: Sample, server_pid: int) -> dict[str, Any]:
+    """Operations and CPU between two samples: the figures every mode reports.
+
+    `server_us_per_op` is the headline: the server process's own CPU per
+    operation, which stays honest when the generator is what saturates.
+    """
+    elapsed = b.t - a.t
+    ops = b.count - a.count
+    server_cpu = b.server_cpu - a.server_cpu
+    gen_cpu = b.self_cpu - a.self_cpu
+    server_core, own_core = _proc.only_cpu(server_pid), _proc.only_cpu(0)
+
+    def busy(cpu: int | None) -> float | None:
+        if cpu is None:
+            return None
+        return float(b.cpus[f"cpu{cpu}"].busy - a.cpus[f"cpu{cpu}"].busy)
+
+    server_core_s = busy(server_core)
+    own_core_s = busy(own_core)
+    machine_task = b.cpus["cpu"].task - a.cpus["cpu"].task
+    return {
+        "elapsed_s": elapsed,
+        "ops": ops,
+        "ops_per_s": ops / elapsed,
+        "server_cpu_share": server_cpu / elapsed,
+        "server_us_per_op": server_cpu * 1e6 / ops if ops else None,
+        # The server's whole pinned core, softirq included (loopback TCP receive
+        # work caused by its sends lands there).
+        "server_core": server_core,
+        "server_core_busy": server_core_s / elapsed if server_core_s is not None else None,
+        "server_core_us_per_op": (
+            server_core_s * 1e6 / ops if ops and server_core_s is not None else None
+        ),
+        "generator_cpu_share": gen_cpu / elapsed,
+        "generator_core": own_core,
+        "generator_core_busy": own_core_s / elapsed if own_core_s is not None else None,
+        # Process time on the machine that was neither the server nor us: other jobs, steal.
+        "other_cpu_share": max(0.0, machine_task - server_cpu - gen_cpu) / elapsed,
+        "server_processes": len(_proc.process_tree(server_pid)),
+    }
+
+
+def errors_seen() -> dict[str, Any]:
+    return {
+        "connect_retries": Stats.retries,
+        "server_error_replies": Stats.server_errors,
+    }
 
 
 def records(rng: random.Random, n: int) -> dict[str, Any]:
@@ -318,22 +411,25 @@ def pub_frames(args: argparse.Namespace) -> list[bytes]:
     else:
         rng = random.Random(7)
         datas = [records(rng, args.records) for _ in range(RECORD_POOL)]
-    return [orjson.dumps({"op": "pub", "ch": args.channel, "data": d}) for d in datas]
+    return [args.dialect.pub(args.channel, d) for d in datas]
 
 
 async def run_fanout(args: argparse.Namespace) -> dict[str, Any]:
     pids = _proc.process_tree(args.server_pid)
-    server_core, own_core = _proc.only_cpu(args.server_pid), _proc.only_cpu(0)
     frames = pub_frames(args)
     headers = DEFLATE_OFFER if args.deflate else None
-    subs = await open_subscribers(args.url, args.subscribers - 1, args.channel, "fanout", headers)
-    # The sentinel subscribes last, so it is likely the last in the server's fanout order.
-    sentinel = await connect(args.url, lambda: Sentinel(args.channel), headers=headers)
-    subs.append(sentinel)
-    publisher = await connect(
-        args.url, lambda: Publisher(frames, args.window, sentinel), acked=False
+    dialect, channel = args.dialect, args.channel
+    subs: list[Subscriber] = await open_many(
+        args, args.subscribers - 1, lambda: Subscriber(dialect, channel), "fanout", headers
     )
+    # The sentinel subscribes last, so it is likely the last in the server's fanout order.
+    sentinel = await connect(args.url, lambda: Sentinel(dialect, channel), headers=headers)
+    subs.append(sentinel)
+    publisher = await connect(args.url, lambda: Publisher(dialect, frames, args.window, sentinel))
     disconnects_before = Stats.disconnects
+
+    def delivered() -> int:
+        return sum(s.count for s in subs)
 
     progress(f"publishing (window {args.window}), warm-up {args.warmup:.1f} s")
     publisher.running = True
@@ -341,10 +437,19 @@ async def run_fanout(args: argparse.Namespace) -> dict[str, Any]:
     watchdog = asyncio.create_task(stall_watchdog(sentinel))
     try:
         await race(asyncio.sleep(args.warmup), watchdog)
-        a = Snapshot(subs, sentinel, pids)
+        a = Sample(pids, delivered())
+        wire_a, message_a, compressed_a, pubs_a = (
+            sentinel.wire_bytes,
+            sentinel.message_bytes,
+            sentinel.compressed,
+            sentinel.count,
+        )
         progress(f"measuring {args.duration:.1f} s")
         await race(asyncio.sleep(args.duration), watchdog)
-        b = Snapshot(subs, sentinel, pids)
+        b = Sample(pids, delivered())
+        pubs = sentinel.count - pubs_a
+        wire, message = sentinel.wire_bytes - wire_a, sentinel.message_bytes - message_a
+        compressed = sentinel.compressed - compressed_a
     finally:
         publisher.running = False
         watchdog.cancel()
@@ -353,63 +458,27 @@ async def run_fanout(args: argparse.Namespace) -> dict[str, Any]:
     disconnects = Stats.disconnects - disconnects_before
     close_all([*subs, publisher])
     await asyncio.sleep(0.2)
-
-    elapsed = b.t - a.t
-    per_sub = [y - x for x, y in zip(a.counts, b.counts, strict=True)]
-    deliveries = sum(per_sub)
-    pubs = b.pubs - a.pubs
-    server_cpu = b.server_cpu - a.server_cpu
-    gen_cpu = b.self_cpu - a.self_cpu
-
-    def core(name: str, attr: str) -> float:
-        return float(getattr(b.cpus[name], attr) - getattr(a.cpus[name], attr))
-
-    def core_busy(cpu: int | None) -> float | None:
-        return core(f"cpu{cpu}", "busy") / elapsed if cpu is not None else None
-
-    server_core_s = core(f"cpu{server_core}", "busy") if server_core is not None else None
     return {
         "mode": "fanout",
         "subscribers": len(subs),
         "data": args.data,
         "payload_size": args.payload_size if args.data == "filler" else None,
         "window": args.window,
-        "elapsed_s": elapsed,
+        **window_figures(a, b, args.server_pid),
         "publications": pubs,
-        "publications_per_s": pubs / elapsed,
+        "publications_per_s": pubs / (b.t - a.t),
         # From the sentinel over the window: the message as sent to a subscriber
         # (inflated), and the frame it took on the wire (header included).
-        "message_bytes_per_delivery": (b.message_bytes - a.message_bytes) / pubs if pubs else None,
-        "wire_bytes_per_delivery": (b.wire_bytes - a.wire_bytes) / pubs if pubs else None,
-        "compressed_share": (b.compressed - a.compressed) / pubs if pubs else None,
+        "message_bytes_per_delivery": message / pubs if pubs else None,
+        "wire_bytes_per_delivery": wire / pubs if pubs else None,
+        "compressed_share": compressed / pubs if pubs else None,
         "deflate_offered": args.deflate,
         "deflate_negotiated": sum(s.deflate for s in subs),
-        "deliveries": deliveries,
-        "deliveries_per_s": deliveries / elapsed,
-        # The server process's own utime+stime: the headline cost per delivery.
-        "server_cpu_s": server_cpu,
-        "server_cpu_share": server_cpu / elapsed,
-        "server_us_per_delivery": server_cpu * 1e6 / deliveries if deliveries else None,
-        # Its whole pinned core, softirq included (loopback TCP receive work lands there).
-        "server_core": server_core,
-        "server_core_busy": core_busy(server_core),
-        "server_core_us_per_delivery": (
-            server_core_s * 1e6 / deliveries if deliveries and server_core_s is not None else None
-        ),
-        "generator_cpu_share": gen_cpu / elapsed,
-        "generator_core": own_core,
-        "generator_core_busy": core_busy(own_core),
-        # Process time on the machine that was neither the server nor us: other jobs, steal.
-        "other_cpu_share": max(0.0, core("cpu", "task") - server_cpu - gen_cpu) / elapsed,
-        "per_subscriber_min": min(per_sub),
-        "per_subscriber_max": max(per_sub),
         "sent_total": publisher.sent,
         "lost_after_drain": lost,
         "seq_errors": sentinel.seq_errors,
         "disconnects": disconnects,
-        "connect_retries": Stats.retries,
-        "server_error_replies": Stats.server_errors,
-        "server_processes": len(pids),
+        **errors_seen(),
     }
 
 
@@ -437,7 +506,7 @@ async def stall_watchdog(sentinel: Sentinel, limit: float = 3.0) -> None:
             )
 
 
-async def drain(subs: list[Subscriber], sent: int, timeout: float = 10.0) -> int:
+async def drain(subs: Sequence[Subscriber], sent: int, timeout: float = 10.0) -> int:
     """Wait for every subscriber to catch up to `sent`; return deliveries still missing."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -455,11 +524,13 @@ async def run_idle(args: argparse.Namespace) -> dict[str, Any]:
     # One warm connection first, so the baseline already holds the channel and
     # whatever the server allocates lazily on its first client.
     headers = DEFLATE_OFFER if args.deflate else None
-    warm = await connect(args.url, lambda: Subscriber(args.channel), headers=headers)
+    warm = await connect(args.url, lambda: Subscriber(args.dialect, args.channel), headers=headers)
     before = await settled_rss(pids)
     progress(f"idle: server RSS before {before / 1024:.1f} MiB; opening {args.connections}")
     t0 = time.perf_counter()
-    conns = await open_subscribers(args.url, args.connections, args.channel, "idle", headers)
+    conns: list[Subscriber] = await open_many(
+        args, args.connections, lambda: Subscriber(args.dialect, args.channel), "idle", headers
+    )
     connect_s = time.perf_counter() - t0
     after = await settled_rss(pids)
     disconnects = Stats.disconnects
@@ -481,33 +552,114 @@ async def run_idle(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="fastws benchmark load generator")
-    parser.add_argument("mode", choices=["fanout", "idle"])
-    parser.add_argument("--url", required=True)
-    parser.add_argument("--server-pid", type=int, required=True)
-    parser.add_argument("--channel", default=None)
+class Timed(Subscriber):
+    """Records, for each publication, the time from the publisher's send to here.
+
+    The publisher writes its perf_counter_ns() into the data; both run in
+    this process, so the clocks agree.
+    """
+
+    def __init__(self, dialect: Dialect, channel: str) -> None:
+        super().__init__(dialect, channel)
+        self.recording = False
+        self.latencies: list[int] = []
+
+    def on_ws_frame(self, transport: WSTransport, frame: Any) -> None:
+        if not self.subscribed or frame.payload_size == 1:
+            super().on_ws_frame(transport, frame)
+            return
+        now = time.perf_counter_ns()
+        self.count += 1
+        if self.recording:
+            data = self.dialect.publication(frame.get_payload_as_bytes())["data"]
+            self.latencies.append(now - int(data[:STAMP]))
+
+
+STAMP = 20  # digits of the send time at the start of each latency publication
+
+
+async def paced(publisher: Client, args: argparse.Namespace, stop: asyncio.Event) -> int:
+    """Publish at a steady rate, each publication carrying its send time; return the count."""
+    assert publisher.transport is not None
+    interval = 1.0 / args.rate
+    sent = 0
+    next_at = time.perf_counter()
+    while not stop.is_set():
+        data = str(time.perf_counter_ns()).zfill(STAMP).ljust(args.payload_size, "x")
+        publisher.transport.send(TEXT, args.dialect.pub(args.channel, data))
+        sent += 1
+        next_at += interval
+        await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+    return sent
+
+
+QUANTILES = [q / 2 for q in range(200)] + [99.5, 99.9, 99.99, 100.0]
+
+
+def quantile(ordered: list[int], q: float) -> float:
+    """The q-th percentile of sorted values (nearest rank), in microseconds."""
+    rank = min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))
+    return ordered[rank] / 1000
+
+
+async def run_latency(args: argparse.Namespace) -> dict[str, Any]:
+    pids = _proc.process_tree(args.server_pid)
+    dialect, channel = args.dialect, args.channel
+    subs: list[Timed] = await open_many(
+        args, args.subscribers, lambda: Timed(dialect, channel), "latency"
+    )
+    publisher = await connect(args.url, lambda: Client(dialect))
+    disconnects_before = Stats.disconnects
+    stop = asyncio.Event()
+    progress(f"publishing {args.rate:g}/s to {len(subs)} subscribers, warm-up {args.warmup:.1f} s")
+    pacer = asyncio.create_task(paced(publisher, args, stop))
+    await asyncio.sleep(args.warmup)
+    for s in subs:
+        s.recording = True
+    a = Sample(pids, sum(s.count for s in subs))
+    progress(f"measuring {args.duration:.1f} s")
+    await asyncio.sleep(args.duration)
+    b = Sample(pids, sum(s.count for s in subs))
+    for s in subs:
+        s.recording = False
+    stop.set()
+    sent = await pacer
+    lost = await drain(subs, sent)
+    disconnects = Stats.disconnects - disconnects_before
+    close_all([*subs, publisher])
+    await asyncio.sleep(0.2)
+    ordered = sorted(x for s in subs for x in s.latencies)
+    if not ordered:
+        raise RuntimeError("no publication arrived during the window")
+    return {
+        "mode": "latency",
+        "subscribers": len(subs),
+        "rate": args.rate,
+        **window_figures(a, b, args.server_pid),
+        "samples": len(ordered),
+        "p50_us": quantile(ordered, 50),
+        "p90_us": quantile(ordered, 90),
+        "p99_us": quantile(ordered, 99),
+        "p999_us": quantile(ordered, 99.9),
+        "max_us": ordered[-1] / 1000,
+        # The distribution, for the plot: (percentile, microseconds).
+        "quantiles_us": [[q, quantile(ordered, q)] for q in QUANTILES],
+        "lost_after_drain": lost,
+        "disconnects": disconnects,
+        **errors_seen(),
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the modes in this module."""
     parser.add_argument("--subscribers", type=int, default=1000)
-    parser.add_argument("--duration", type=float, default=5.0)
-    parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--payload-size", type=int, default=64, help="filler bytes per pub")
     parser.add_argument("--data", choices=["filler", "records"], default="filler")
     parser.add_argument("--records", type=int, default=15, help="records per pub (--data records)")
     parser.add_argument("--deflate", action="store_true", help="subscribers offer compression")
     parser.add_argument("--window", type=int, default=64)
     parser.add_argument("--connections", type=int, default=10000)
-    args = parser.parse_args()
-    args.channel = args.channel or ("bench" if args.mode == "fanout" else "idle")
-    _proc.raise_nofile_limit()
-
-    run = run_fanout if args.mode == "fanout" else run_idle
-    try:
-        result = uvloop.run(run(args))
-    except Exception as exc:  # reported to the driver, which decides what to do
-        print(json.dumps({"mode": args.mode, "error": f"{type(exc).__name__}: {exc}"}), flush=True)
-        sys.exit(2)
-    print(json.dumps(result), flush=True)
+    parser.add_argument("--rate", type=float, default=50.0, help="publications/s (latency)")
 
 
-if __name__ == "__main__":
-    main()
+MODES = {"fanout": run_fanout, "idle": run_idle, "latency": run_latency}

@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,14 @@ class BenchError(RuntimeError):
 
 @dataclass(frozen=True)
 class ServerSpec:
-    """How to start one kind of server and how to tell that it serves."""
+    """How to start one kind of server, how to tell that it serves, and how to talk to it."""
 
     name: str
     argv: Callable[[int], list[str]]
     ready: Callable[[int], bool]
+    path: str = "/ws"  # where its WebSocket endpoint is
+    dialect: str = "fastws"  # see _wire.py
+    env: dict[str, str] = field(default_factory=dict)  # added to the environment
 
 
 def fastws_spec(*extra: str, name: str = "fastws") -> ServerSpec:
@@ -66,22 +69,56 @@ def fastws_spec(*extra: str, name: str = "fastws") -> ServerSpec:
     )
 
 
-SERVERS = {
-    "fastws": fastws_spec(),
-    "picows": ServerSpec(
-        "picows",
+def fastws_echo_spec() -> ServerSpec:
+    """fastws in library mode: examples/echo.py, a Handler that sends each message back."""
+    return ServerSpec(
+        "fastws",
+        lambda port: [sys.executable, "examples/echo.py", "--host", HOST, "--port", str(port)],
+        lambda port: _proc.tcp_ready(HOST, port),
+        path="/",
+        env={"FASTWS_LOG_LEVEL": "warning"},  # as `fastws serve --log-level warning`
+    )
+
+
+def peer_spec(name: str, path: str = "/ws", dialect: str = "fastws") -> ServerSpec:
+    """One of benchmarks/peers/NAME_server.py, serving channels on `path` and echo on /echo."""
+    return ServerSpec(
+        name,
         lambda port: [
             sys.executable,
             "-m",
-            "benchmarks.peers.picows_broadcast",
+            f"benchmarks.peers.{name}_server",
             "--host",
             HOST,
             "--port",
             str(port),
         ],
         lambda port: _proc.tcp_ready(HOST, port),
-    ),
+        path,
+        dialect,
+    )
+
+
+SOCKETIO_PATH = "/socket.io/?EIO=4&transport=websocket"
+
+PEERS = {
+    "picows": peer_spec("picows"),
+    "websockets": peer_spec("websockets"),
+    "aiohttp": peer_spec("aiohttp"),
+    "socketio": peer_spec("socketio", SOCKETIO_PATH, "socketio"),
 }
+
+
+def spec_for(server: str, echo: bool = False) -> ServerSpec:
+    """The server to start for a scenario: echo scenarios use each server's echo endpoint."""
+    if server == "fastws":
+        return fastws_echo_spec() if echo else fastws_spec()
+    if server == "fastws+deflate":
+        return fastws_spec("--compression", name=server)
+    peer = PEERS[server]
+    if echo and peer.dialect == "fastws":
+        return ServerSpec(peer.name, peer.argv, peer.ready, "/echo", peer.dialect)
+    return peer
 
 
 def _kill_group(proc: subprocess.Popen[Any]) -> None:
@@ -109,7 +146,7 @@ class RunningServer:
 
     @property
     def url(self) -> str:
-        return f"ws://{HOST}:{self.port}/ws"
+        return f"ws://{HOST}:{self.port}{self.spec.path}"
 
     def log_lines(self) -> list[str]:
         """Whatever the server printed: at --log-level warning, each line is worth a look."""
@@ -133,6 +170,7 @@ def running_server(spec: ServerSpec, cpu: int | None, log_path: Path) -> Iterato
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **spec.env},
             preexec_fn=_proc.child_setup(cpu),
             start_new_session=True,
         )
@@ -177,12 +215,14 @@ def run_load(
     argv = [
         sys.executable,
         "-m",
-        "benchmarks._load",
+        "benchmarks._generator",
         mode,
         "--url",
         server.url,
         "--server-pid",
         str(server.proc.pid),
+        "--dialect",
+        server.spec.dialect,
         *args,
     ]
     proc = subprocess.Popen(
