@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import uvloop
 
-from fastws import deflate
+from fastws import deflate, protocol
 from fastws._core.fanout import Hub
 from fastws.brokers import Broker, MemoryBroker
 from fastws.config import Config, load
 from fastws.connection import Connection, Step, finish, start_eagerly
+from fastws.namespaces import Namespaces
 from fastws.session import ChannelSession
 
 if TYPE_CHECKING:
@@ -84,7 +85,11 @@ class Handler(Connection):
         is optional: it completes when the broker delivers the channel's
         publications from every node (at once with the memory broker).
         """
-        return self.app.start(self.app.join(self, channel))
+        return self.app.start(self._subscribe(channel))
+
+    async def _subscribe(self, channel: str) -> None:
+        if await self.app.join(self, channel):
+            await self.app.announce_join(self, channel)
 
     def unsubscribe(self, channel: str) -> asyncio.Future[None]:
         """Stop receiving the channel's publications, at once."""
@@ -114,7 +119,8 @@ class App:
         # Without an explicit config, the FASTWS_* variables and FASTWS_CONFIG
         # apply in library mode as they do to `fastws serve`.
         self.config = config or load()
-        self.broker = broker or MemoryBroker(self.config.history_size, self.config.history_ttl)
+        self.namespaces = Namespaces(self.config)
+        self.broker = broker or MemoryBroker(self.namespaces, self.namespaces.shortest_ttl())
         self.broker.attach(self._deliver)
         self.hub = Hub()
         self.routes: dict[str, type[Connection]] = {}
@@ -146,15 +152,41 @@ class App:
         """Publish data (any JSON value) to a channel on every node; return its seq."""
         return await self.broker.publish(channel, data)
 
-    async def join(self, conn: Connection, channel: str) -> None:
+    async def join(self, conn: Connection, channel: str) -> bool:
+        """Add conn to channel's subscribers; False if it was one already.
+
+        Presence and the join message come later (:meth:`announce_join`),
+        once the subscription is confirmed to the client.
+        """
         assert conn.outbox is not None
+        if channel in conn.outbox.channels:
+            return False
         if self.hub.subscribe(conn.outbox, channel):
             await self.broker.subscribe(channel)
+        return True
 
     async def leave(self, conn: Connection, channel: str) -> None:
         assert conn.outbox is not None
+        if channel not in conn.outbox.channels:
+            return
         if self.hub.unsubscribe(conn.outbox, channel):
             await self.broker.unsubscribe(channel)
+        await self.announce_leave(conn, channel)
+
+    async def announce_join(self, conn: Connection, channel: str) -> None:
+        """Record conn's presence and tell the channel, where its namespace asks for it."""
+        options = self.namespaces(channel)
+        if options.presence:
+            await self.broker.add_presence(channel, conn.id, conn.info())
+        if options.join_leave:
+            await self.broker.announce(channel, protocol.encode_join(channel, conn.info()))
+
+    async def announce_leave(self, conn: Connection, channel: str) -> None:
+        options = self.namespaces(channel)
+        if options.presence:
+            await self.broker.remove_presence(channel, conn.id)
+        if options.join_leave:
+            await self.broker.announce(channel, protocol.encode_leave(channel, conn.info()))
 
     def register(self, conn: Connection) -> None:
         self.connections.add(conn)
@@ -171,8 +203,11 @@ class App:
         """Take a closing connection out of every channel, telling the broker of the emptied."""
         if conn.outbox is None:
             return
+        left = list(conn.outbox.channels)
         for channel in conn.outbox.close():
             self.start(self.broker.unsubscribe(channel))
+        for channel in left:
+            self.start(self.announce_leave(conn, channel))
 
     def start(self, step: Step) -> asyncio.Future[None]:
         """Run step now until it first waits, the rest in a task; a future of its end.
@@ -207,6 +242,7 @@ class App:
         from fastws.node import Node
 
         self.config = replace(self.config, **options)
+        self.namespaces.configure(self.config)
         self.node_name = self._name()
         node = Node(self)
         await node.start()

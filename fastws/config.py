@@ -14,8 +14,10 @@ import argparse
 import os
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
+
+from fastws import namespaces
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,9 @@ class Config:
     drain_period: float = 10.0
     history_size: int = 100
     history_ttl: float = 300.0
+    presence: bool = False
+    join_leave: bool = False
+    namespaces: dict[str, dict[str, Any]] = field(default_factory=dict)
     compression: bool = False
     compression_min_size: int = 256
     compression_level: int = 6
@@ -76,6 +81,13 @@ HELP = {
     "history_size": "Publications each channel keeps for recovery and the history op; "
     "0 keeps none.",
     "history_ttl": "Seconds a publication stays in its channel's history.",
+    "presence": "Answer the presence op (who is subscribed) for channels.",
+    "join_leave": "Send a channel's subscribers a join or leave message when a client "
+    "subscribes or leaves.",
+    "namespaces": "Channel options per namespace (the part of a channel name before ':'), "
+    "overriding history_size, history_ttl, presence and join_leave: a table per namespace "
+    "in TOML, the same as JSON in the environment and on the command line, e.g. "
+    '`{"chat": {"presence": true, "join_leave": true}, "cursor": {"history_size": 0}}`.',
     "compression": "Offer permessage-deflate (RFC 7692) to clients that ask for it.",
     "compression_min_size": "Messages smaller than this many bytes are sent uncompressed.",
     "compression_level": "zlib level, 1 (fastest) to 9 (smallest); a publication is "
@@ -100,7 +112,10 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "int": int,
     "float": float,
     "bool": _bool,
+    "dict[str, dict[str, Any]]": namespaces.parse,
 }
+# Parsers that take a TOML table as it is, and say themselves what is wrong.
+_TABLES = {namespaces.parse}
 
 
 @dataclass(frozen=True)
@@ -120,9 +135,13 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = tuple(
-    Option(f.name, _PARSERS[str(f.type)], f.default, HELP[f.name])
+    Option(
+        f.name,
+        _PARSERS[str(f.type)],
+        f.default if f.default_factory is MISSING else f.default_factory(),
+        HELP[f.name],
+    )
     for f in fields(Config)
-    if f.default is not MISSING
 )
 _BY_NAME = {option.name: option for option in OPTIONS}
 
@@ -133,6 +152,11 @@ class ConfigError(ValueError):
 
 def _convert(option: Option, value: Any, source: str) -> Any:
     """Parse a string, or check a TOML value already typed."""
+    if option.parse in _TABLES:
+        try:
+            return option.parse(value)
+        except ValueError as exc:
+            raise ConfigError(f"{source}: {option.name}: {exc}") from None
     if isinstance(value, bool) and option.parse is _bool:
         return value
     if not isinstance(value, str):

@@ -111,6 +111,7 @@ class Connection(WSListener):
         "seen",
         "state",
         "transport",
+        "user",
     )
 
     def __init__(self, app: App, request: WSUpgradeRequest, remote_ip: str) -> None:
@@ -121,6 +122,7 @@ class Connection(WSListener):
         self.request: WSUpgradeRequest | None = request
         self.remote_ip = remote_ip
         self.id = secrets.token_hex(8)
+        self.user = ""  # who the client is, once authenticated; "" for anonymous
         self.state = CONNECTING
         self.transport: WSTransport | None = None
         self.outbox: Outbox | None = None
@@ -138,6 +140,10 @@ class Connection(WSListener):
         self._queue: deque[Step] | None = None
         self._task: asyncio.Task[None] | None = None
         self._close_timer: asyncio.TimerHandle | None = None
+
+    def info(self) -> dict[str, Any]:
+        """What other clients may see of this one: in presence, join and leave."""
+        return {"client": self.id, "user": self.user}
 
     # Hooks for subclasses.
 

@@ -164,6 +164,20 @@ def encode_error(id: int | None, code: ErrorCode, message: str) -> bytes:
     return orjson.dumps({"id": id, "error": {"code": code.value, "message": message}})
 
 
+def encode_history(id: int, epoch: str, seq: int, pubs: list[bytes]) -> bytes:
+    """The history reply, with the kept publications spliced in as they were encoded."""
+    head = orjson.dumps({"id": id, "ok": True, "epoch": epoch, "seq": seq, "pubs": []})
+    return head[:-2] + b",".join(pubs) + b"]}"  # head ends in `"pubs":[]}`
+
+
+def encode_join(ch: str, info: dict[str, Any]) -> bytes:
+    return orjson.dumps({"ch": ch, "join": info})
+
+
+def encode_leave(ch: str, info: dict[str, Any]) -> bytes:
+    return orjson.dumps({"ch": ch, "leave": info})
+
+
 def encode_publication(ch: str, seq: int, data: Any) -> bytes:
     """Encode a publication; CommandError(bad_request) when data cannot be encoded.
 

@@ -87,7 +87,7 @@ class ChannelSession(Connection):
             elif isinstance(command, protocol.History):
                 await self._history(command)
             else:
-                raise CommandError(ErrorCode.NOT_AVAILABLE, "this node keeps no presence yet")
+                await self._presence(command)
         except CommandError as exc:
             exc.id = command.id
             self._answer_error(exc)
@@ -103,7 +103,7 @@ class ChannelSession(Connection):
         # turn, so the reply and the missed publications are queued before
         # any live publication the join lets through, and none is lost or
         # sent twice.
-        await self.app.join(self, command.ch)
+        joined = await self.app.join(self, command.ch)
         if command.since is None:
             position, missed = await self.app.broker.position(command.ch), None
         else:
@@ -120,6 +120,8 @@ class ChannelSession(Connection):
             )
         for stored in missed or ():
             self.send_text(stored.payload)
+        if joined:
+            await self.app.announce_join(self, command.ch)
 
     async def _history(self, command: protocol.History) -> None:
         position, kept = await self.app.broker.history(command.ch, command.since, command.limit)
@@ -128,10 +130,20 @@ class ChannelSession(Connection):
                 ErrorCode.UNRECOVERABLE, "the history does not reach back to that position"
             )
         if command.id is not None:
-            pubs = [{"ch": command.ch, "seq": s.seq, "data": s.data} for s in kept]
             self.send_text(
-                protocol.encode_ok(command.id, epoch=position.epoch, seq=position.seq, pubs=pubs)
+                protocol.encode_history(
+                    command.id, position.epoch, position.seq, [s.payload for s in kept]
+                )
             )
+
+    async def _presence(self, command: protocol.Presence) -> None:
+        if not self.app.namespaces(command.ch).presence:
+            raise CommandError(
+                ErrorCode.NOT_AVAILABLE, "presence is not enabled for this channel's namespace"
+            )
+        clients = await self.app.broker.presence(command.ch)
+        if command.id is not None:
+            self.send_text(protocol.encode_ok(command.id, clients=clients))
 
     async def _unsub(self, command: protocol.Unsub) -> None:
         await self.app.leave(self, command.ch)

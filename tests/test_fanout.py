@@ -10,7 +10,17 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import NodeProcess, ahttp_get, proto_client, unique
+from conftest import (
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    NodeProcess,
+    RawWS,
+    ahttp_get,
+    proto_client,
+    unique,
+    ws_frame,
+)
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 CONNECT_CONCURRENCY = 64
@@ -279,3 +289,28 @@ async def test_fanout_survives_churn(node: NodeProcess) -> None:
             assert c.pubs[-1] == (n_pubs + 1, "after churn"), c.pubs[-3:]
     finally:
         await disconnect_all(clients + ([publisher] if publisher else []))
+
+
+async def test_a_pong_is_not_queued_behind_the_batch_of_its_read(node: NodeProcess) -> None:
+    """Frames queued during a read leave at the end of the loop turn; a pong leaves at once.
+
+    One TCP write carries a sub, a pub with an id and a ping: the sub reply,
+    the publication and the pub reply are batched, the pong is written
+    straight away, so it arrives first although it was asked for last.
+    """
+    ws = await RawWS.open(node.port)
+    try:
+        assert "welcome" in (await ws.recv_msg()).json()
+        ch = unique("pong")
+        commands = [
+            {"op": "sub", "ch": ch, "id": 1},
+            {"op": "pub", "ch": ch, "data": "x", "id": 2},
+        ]
+        frames = [ws_frame(OP_TEXT, json.dumps(c).encode()) for c in commands]
+        await ws.send_raw(b"".join(frames) + ws_frame(OP_PING, b"now"))
+        first = await ws.recv_frame()
+        assert (first.opcode, first.payload) == (OP_PONG, b"now")
+        rest = [(await ws.recv_frame()).json() for _ in range(3)]
+        assert [m.get("id", m.get("seq")) for m in rest] == [1, 1, 2]
+    finally:
+        ws.close()

@@ -16,7 +16,7 @@ cdef class Outbox:
         readonly bint overflowed
         public Py_ssize_t limit
         public object on_overflow
-        list channels
+        readonly list channels
         public unsigned char deflate_bits
 
     cdef int _reserve(self, Py_ssize_t extra) except -1

@@ -11,6 +11,7 @@ class Outbox:
     limit: int
     deflate_bits: int
     on_overflow: Callable[[Outbox], object] | None
+    channels: list[str]  # the channels it is subscribed to
     @property
     def pending(self) -> int: ...
     def send_text(self, payload: bytes) -> None: ...

@@ -8,6 +8,10 @@ subscribers receive. The node then frames it once for all of its local
 subscribers. The node tells the broker which channels it listens to with
 ``subscribe``/``unsubscribe`` (the first local subscriber and the last one),
 so that a networked broker keeps one subscription per channel per node.
+
+A broker also keeps presence (who is subscribed to a channel, on every
+node) and carries join and leave messages, which reach subscribers like
+publications but have no seq and are not kept.
 """
 
 from __future__ import annotations
@@ -19,16 +23,20 @@ from typing import Any
 
 from fastws.protocol import Position
 
+# (channel, seq, payload): seq is 0 for a message that is not a publication.
 Deliver = Callable[[str, int, bytes], None]
 
 
 @dataclass(frozen=True, slots=True)
 class Stored:
-    """One publication kept in a channel's history."""
+    """One publication kept in a channel's history, only as subscribers receive it.
+
+    The history op splices these payloads into its reply, so the data is
+    not kept a second time as Python objects.
+    """
 
     seq: int
-    data: Any
-    payload: bytes  # the publication as subscribers receive it
+    payload: bytes
 
 
 class Broker(ABC):
@@ -80,3 +88,19 @@ class Broker(ABC):
         history no longer reaches back to, or one past the channel's end);
         a caller is never handed a gap.
         """
+
+    @abstractmethod
+    async def announce(self, channel: str, payload: bytes) -> None:
+        """Deliver a message that is not a publication (join, leave) on every node."""
+
+    @abstractmethod
+    async def add_presence(self, channel: str, client: str, info: dict[str, Any]) -> None:
+        """Record that client is subscribed to channel, with what others may see of it."""
+
+    @abstractmethod
+    async def remove_presence(self, channel: str, client: str) -> None:
+        """Forget client's presence in channel (it left or disconnected)."""
+
+    @abstractmethod
+    async def presence(self, channel: str) -> dict[str, dict[str, Any]]:
+        """Every client present in channel, on every node: client id to info."""

@@ -7,21 +7,27 @@ import contextlib
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from fastws.brokers.base import Broker, Stored
+from fastws.namespaces import ChannelOptions
 from fastws.protocol import Position, encode_publication
+
+Options = Callable[[str], ChannelOptions]
+DEFAULTS = ChannelOptions(history_size=100, history_ttl=300.0, presence=False, join_leave=False)
 
 
 class _Channel:
     """One channel's unbroken history: its epoch, its last seq, what it keeps."""
 
-    __slots__ = ("epoch", "kept", "last_used", "seq")
+    __slots__ = ("epoch", "kept", "last_used", "seq", "ttl")
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, options: ChannelOptions) -> None:
         self.epoch = secrets.token_hex(4)
         self.seq = 0
-        self.kept: deque[tuple[float, Stored]] = deque(maxlen=size)
+        self.kept: deque[tuple[float, Stored]] = deque(maxlen=options.history_size)
+        self.ttl = options.history_ttl
         self.last_used = time.monotonic()
 
 
@@ -40,12 +46,19 @@ class MemoryBroker(Broker):
     is gone. A restarted node starts every channel afresh the same way.
     """
 
-    def __init__(self, history_size: int = 100, history_ttl: float = 300.0) -> None:
+    def __init__(
+        self,
+        options: Options = lambda channel: DEFAULTS,
+        shortest_ttl: float = DEFAULTS.history_ttl,
+    ) -> None:
+        """``options`` gives each channel's history bounds; the sweep runs often
+        enough for the shortest TTL among them."""
         super().__init__()
         self._channels: dict[str, _Channel] = {}
         self._subscribed: set[str] = set()
-        self._size = history_size
-        self._ttl = history_ttl
+        self._presence: dict[str, dict[str, dict[str, Any]]] = {}
+        self._options = options
+        self._sweep_period = min(60.0, max(0.05, shortest_ttl / 4))
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -61,7 +74,7 @@ class MemoryBroker(Broker):
     def _channel(self, name: str) -> _Channel:
         channel = self._channels.get(name)
         if channel is None:
-            channel = self._channels[name] = _Channel(self._size)
+            channel = self._channels[name] = _Channel(self._options(name))
         channel.last_used = time.monotonic()
         return channel
 
@@ -70,8 +83,8 @@ class MemoryBroker(Broker):
         seq = state.seq + 1
         payload = encode_publication(channel, seq, data)
         state.seq = seq
-        if self._size:
-            state.kept.append((state.last_used, Stored(seq, data, payload)))
+        if state.kept.maxlen:
+            state.kept.append((state.last_used, Stored(seq, payload)))
         if self._deliver is not None:
             self._deliver(channel, seq, payload)
         return seq
@@ -106,7 +119,7 @@ class MemoryBroker(Broker):
         return position, missed if limit is None else missed[:limit]
 
     def _expire(self, state: _Channel, now: float) -> None:
-        oldest = now - self._ttl
+        oldest = now - state.ttl
         while state.kept and state.kept[0][0] < oldest:
             state.kept.popleft()
 
@@ -118,12 +131,28 @@ class MemoryBroker(Broker):
             if (
                 not state.kept
                 and name not in self._subscribed
-                and now - state.last_used >= self._ttl
+                and now - state.last_used >= state.ttl
             ):
                 del self._channels[name]
 
+    async def announce(self, channel: str, payload: bytes) -> None:
+        if self._deliver is not None:
+            self._deliver(channel, 0, payload)
+
+    async def add_presence(self, channel: str, client: str, info: dict[str, Any]) -> None:
+        self._presence.setdefault(channel, {})[client] = info
+
+    async def remove_presence(self, channel: str, client: str) -> None:
+        present = self._presence.get(channel)
+        if present is not None:
+            present.pop(client, None)
+            if not present:
+                del self._presence[channel]
+
+    async def presence(self, channel: str) -> dict[str, dict[str, Any]]:
+        return dict(self._presence.get(channel, {}))
+
     async def _sweep_forever(self) -> None:
-        period = min(60.0, max(0.05, self._ttl / 4))
         while True:
-            await asyncio.sleep(period)
+            await asyncio.sleep(self._sweep_period)
             self.sweep()
