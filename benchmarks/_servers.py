@@ -76,7 +76,9 @@ def fastws_echo_spec() -> ServerSpec:
         lambda port: [sys.executable, "examples/echo.py", "--host", HOST, "--port", str(port)],
         lambda port: _proc.tcp_ready(HOST, port),
         path="/",
-        env={"FASTWS_LOG_LEVEL": "warning"},  # as `fastws serve --log-level warning`
+        # Quiet as `fastws serve --log-level warning`, and this checkout's fastws
+        # even when another one is installed.
+        env={"FASTWS_LOG_LEVEL": "warning", "PYTHONPATH": str(ROOT)},
     )
 
 
