@@ -1,4 +1,4 @@
-"""fastws benchmarks: each one compares fastws against a plain baseline on this machine.
+"""fastws benchmarks: every scenario against fastws and its peers on this machine.
 
-Run from the repository root, e.g. ``python -m benchmarks.fanout``.
+Run from the repository root: ``python -m benchmarks`` (see README.md here).
 """

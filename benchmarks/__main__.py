@@ -148,6 +148,11 @@ def findings(scenario: Scenario, server: str, runs: list[dict[str, Any]]) -> lis
         for key in PROBLEM_KEYS:
             if f.get(key):
                 notes.append(f"{tag}: {key} = {f[key]}")
+        if f.get("lost_after_drain") and f["mode"] == "fanout":
+            notes.append(
+                f"{tag}: the deliveries above were still missing when the wait for the "
+                "backlog ended (up to 60 s): dropped by the server, or too slow to drain"
+            )
         if f.get("server_error_replies"):
             notes.append(f"{tag}: server error replies: {f['server_error_replies'][:3]}")
     return notes

@@ -49,6 +49,7 @@ CONNECT_CONCURRENCY = 64  # stays well under a default listen backlog of 100
 DEFLATE_OFFER = {"Sec-WebSocket-Extensions": "permessage-deflate"}
 DEFLATE_TAIL = b"\x00\x00\xff\xff"  # RFC 7692 7.2.2: appended before inflating
 RECORD_POOL = 512  # distinct publications the publisher cycles through
+DRAIN_MAX = 60.0  # longest wait for a fanout's last publications to arrive
 
 L = TypeVar("L", bound="Client")
 
@@ -454,7 +455,11 @@ async def run_fanout(args: argparse.Namespace) -> dict[str, Any]:
         publisher.running = False
         watchdog.cancel()
 
-    lost = await drain(subs, publisher.sent)
+    # What is still in flight: up to `window` publications to every subscriber.
+    # A slow server needs a while to deliver it; give it time, within reason.
+    rate = (b.count - a.count) / (b.t - a.t)
+    backlog_s = args.window * len(subs) / rate if rate else DRAIN_MAX
+    lost = await drain(subs, publisher.sent, min(DRAIN_MAX, max(10.0, 2 * backlog_s)))
     disconnects = Stats.disconnects - disconnects_before
     close_all([*subs, publisher])
     await asyncio.sleep(0.2)
