@@ -25,47 +25,16 @@ Run: python -m benchmarks.peers.aiohttp_server --host 127.0.0.1 --port 9001
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import logging
-import os
-import uuid
 from typing import Any
 
 import orjson
-import uvloop
 from aiohttp import WSMsgType, web
 
-from benchmarks._proc import raise_nofile_limit
-from benchmarks.peers._exit import stop_on_signal
+from benchmarks.peers._hub import Channel, Hub
+from benchmarks.peers._process import main, stop_on_signal
 
-
-class Channel:
-    __slots__ = ("name", "seq", "subscribers")
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.seq = 0
-        self.subscribers: dict[web.WebSocketResponse, None] = {}  # insertion-ordered set
-
-
-class Hub:
-    """All channels of the process, plus the identity it greets clients with."""
-
-    def __init__(self) -> None:
-        self.channels: dict[str, Channel] = {}
-        self.epoch = uuid.uuid4().hex[:12]
-        self.node = f"aiohttp-{os.getpid()}"
-        self.next_client = 0
-
-    def channel(self, name: str) -> Channel:
-        ch = self.channels.get(name)
-        if ch is None:
-            ch = self.channels[name] = Channel(name)
-        return ch
-
-
-HUB = web.AppKey("hub", Hub)
+HUB = web.AppKey("hub", Hub[web.WebSocketResponse])
 
 
 async def send_json(ws: web.WebSocketResponse, obj: dict[str, Any]) -> None:
@@ -90,7 +59,7 @@ async def channels_handler(request: web.Request) -> web.WebSocketResponse:
     await ws.prepare(request)
     hub.next_client += 1
     await send_json(ws, {"welcome": {"client": str(hub.next_client), "node": hub.node}})
-    joined: dict[Channel, None] = {}
+    joined: dict[Channel[web.WebSocketResponse], None] = {}
     try:
         async for msg in ws:
             if msg.type is WSMsgType.TEXT:
@@ -102,7 +71,10 @@ async def channels_handler(request: web.Request) -> web.WebSocketResponse:
 
 
 async def command(
-    hub: Hub, ws: web.WebSocketResponse, joined: dict[Channel, None], raw: str
+    hub: Hub[web.WebSocketResponse],
+    ws: web.WebSocketResponse,
+    joined: dict[Channel[web.WebSocketResponse], None],
+    raw: str,
 ) -> None:
     try:
         msg = orjson.loads(raw)
@@ -151,7 +123,7 @@ async def error(ws: web.WebSocketResponse, cid: Any, message: str) -> None:
 
 def make_app() -> web.Application:
     app = web.Application()
-    app[HUB] = Hub()
+    app[HUB] = Hub[web.WebSocketResponse]("aiohttp")
     app.router.add_get("/ws", channels_handler)
     app.router.add_get("/echo", echo_handler)
     return app
@@ -164,15 +136,5 @@ async def run(host: str, port: int) -> None:
     await stop_on_signal(runner.cleanup)  # stops accepting, then waits on the handlers
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=9001)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    raise_nofile_limit()
-    uvloop.run(run(args.host, args.port))
-
-
 if __name__ == "__main__":
-    main()
+    main(run, __doc__.splitlines()[0])

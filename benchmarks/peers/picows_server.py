@@ -20,47 +20,19 @@ Run: python -m benchmarks.peers.picows_server --host 127.0.0.1 --port 9001
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import os
 import signal
-import uuid
 from typing import Any
 
 import orjson
-import uvloop
 from picows import WSListener, WSMsgType, WSTransport, WSUpgradeRequest, ws_create_server
 
-from benchmarks._proc import raise_nofile_limit
+from benchmarks.peers._hub import Channel, Hub
+from benchmarks.peers._process import main
 
 TEXT = WSMsgType.TEXT
 # What /echo sends back; pings are answered by picows itself (auto pong).
 DATA = (WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION)
-
-
-class Channel:
-    __slots__ = ("name", "seq", "subscribers")
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.seq = 0
-        self.subscribers: dict[WSTransport, None] = {}  # insertion-ordered set
-
-
-class Hub:
-    """All channels of the process, plus the identity it greets clients with."""
-
-    def __init__(self) -> None:
-        self.channels: dict[str, Channel] = {}
-        self.epoch = uuid.uuid4().hex[:12]
-        self.node = f"picows-{os.getpid()}"
-        self.next_client = 0
-
-    def channel(self, name: str) -> Channel:
-        ch = self.channels.get(name)
-        if ch is None:
-            ch = self.channels[name] = Channel(name)
-        return ch
 
 
 class EchoListener(WSListener):
@@ -77,9 +49,9 @@ class EchoListener(WSListener):
 class BroadcastListener(WSListener):
     """One connection: parse each command, answer it, fan publications out."""
 
-    def __init__(self, hub: Hub) -> None:
+    def __init__(self, hub: Hub[WSTransport]) -> None:
         self.hub = hub
-        self.joined: list[Channel] = []
+        self.joined: list[Channel[WSTransport]] = []
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.hub.next_client += 1
@@ -148,7 +120,7 @@ class BroadcastListener(WSListener):
 
 
 async def serve(host: str, port: int) -> None:
-    hub = Hub()
+    hub = Hub[WSTransport]("picows")
 
     def factory(request: WSUpgradeRequest) -> WSListener | None:
         path = request.path.split(b"?", 1)[0]
@@ -167,14 +139,5 @@ async def serve(host: str, port: int) -> None:
     server.close()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=9001)
-    args = parser.parse_args()
-    raise_nofile_limit()
-    uvloop.run(serve(args.host, args.port))
-
-
 if __name__ == "__main__":
-    main()
+    main(serve, __doc__.splitlines()[0])

@@ -28,17 +28,13 @@ Run: python -m benchmarks.peers.socketio_server --host 127.0.0.1 --port 9001
 
 from __future__ import annotations
 
-import argparse
-import logging
 from functools import partial
 from typing import Any
 
 import socketio
-import uvloop
 from aiohttp import web
 
-from benchmarks._proc import raise_nofile_limit
-from benchmarks.peers._exit import stop_on_signal
+from benchmarks.peers._process import main, stop_on_signal
 
 
 def make_app() -> tuple[web.Application, socketio.AsyncServer]:
@@ -79,15 +75,5 @@ async def close(sio: socketio.AsyncServer, runner: web.AppRunner) -> None:
     await runner.cleanup()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=9001)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    raise_nofile_limit()
-    uvloop.run(run(args.host, args.port))
-
-
 if __name__ == "__main__":
-    main()
+    main(run, __doc__.splitlines()[0])

@@ -25,51 +25,21 @@ Run: python -m benchmarks.peers.websockets_server --host 127.0.0.1 --port 9001
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import logging
-import os
-import uuid
 from functools import partial
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
-import uvloop
 from websockets.asyncio.server import Response, Server, ServerConnection, broadcast, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request
 
-from benchmarks._proc import raise_nofile_limit
-from benchmarks.peers._exit import stop_on_signal
+from benchmarks.peers._hub import Channel, Hub
+from benchmarks.peers._process import main, stop_on_signal
 
 PATHS = ("/ws", "/echo")
-
-
-class Channel:
-    __slots__ = ("name", "seq", "subscribers")
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.seq = 0
-        self.subscribers: set[ServerConnection] = set()
-
-
-class Hub:
-    """All channels of the process, plus the identity it greets clients with."""
-
-    def __init__(self) -> None:
-        self.channels: dict[str, Channel] = {}
-        self.epoch = uuid.uuid4().hex[:12]
-        self.node = f"websockets-{os.getpid()}"
-        self.next_client = 0
-
-    def channel(self, name: str) -> Channel:
-        ch = self.channels.get(name)
-        if ch is None:
-            ch = self.channels[name] = Channel(name)
-        return ch
 
 
 def path_of(target: str) -> str:
@@ -92,21 +62,26 @@ async def echo(ws: ServerConnection) -> None:
         await ws.send(message)
 
 
-async def channels(hub: Hub, ws: ServerConnection) -> None:
+async def channels(hub: Hub[ServerConnection], ws: ServerConnection) -> None:
     """Greet the client, then run its commands until it leaves."""
     hub.next_client += 1
     await send_json(ws, {"welcome": {"client": str(hub.next_client), "node": hub.node}})
-    joined: set[Channel] = set()
+    joined: set[Channel[ServerConnection]] = set()
     try:
         async for message in ws:
             if isinstance(message, str):
                 await command(hub, ws, joined, message)
     finally:
         for ch in joined:
-            ch.subscribers.discard(ws)
+            ch.subscribers.pop(ws, None)
 
 
-async def command(hub: Hub, ws: ServerConnection, joined: set[Channel], raw: str) -> None:
+async def command(
+    hub: Hub[ServerConnection],
+    ws: ServerConnection,
+    joined: set[Channel[ServerConnection]],
+    raw: str,
+) -> None:
     try:
         msg = orjson.loads(raw)
         op, name, cid = msg["op"], msg["ch"], msg.get("id")
@@ -121,7 +96,7 @@ async def command(hub: Hub, ws: ServerConnection, joined: set[Channel], raw: str
         if cid is not None:
             await send_json(ws, {"id": cid, "ok": True, "seq": ch.seq})
     elif op == "sub":
-        ch.subscribers.add(ws)
+        ch.subscribers[ws] = None
         joined.add(ch)
         if cid is not None:
             await send_json(
@@ -136,7 +111,7 @@ async def command(hub: Hub, ws: ServerConnection, joined: set[Channel], raw: str
                 },
             )
     elif op == "unsub":
-        ch.subscribers.discard(ws)
+        ch.subscribers.pop(ws, None)
         joined.discard(ch)
         if cid is not None:
             await send_json(ws, {"id": cid, "ok": True})
@@ -148,7 +123,7 @@ async def error(ws: ServerConnection, cid: Any, message: str) -> None:
     await send_json(ws, {"id": cid, "error": {"code": "bad_request", "message": message}})
 
 
-async def handler(hub: Hub, ws: ServerConnection) -> None:
+async def handler(hub: Hub[ServerConnection], ws: ServerConnection) -> None:
     assert ws.request is not None  # set once the handshake is done
     # A client that vanishes without a closing handshake is routine here
     # (10,000 of them at the end of a run); websockets would log each one.
@@ -160,7 +135,7 @@ async def handler(hub: Hub, ws: ServerConnection) -> None:
 
 
 async def run(host: str, port: int) -> None:
-    hub = Hub()
+    hub = Hub[ServerConnection]("websockets")
     server = await serve(partial(handler, hub), host, port, process_request=known_paths_only)
     await stop_on_signal(partial(close, server))
 
@@ -170,15 +145,5 @@ async def close(server: Server) -> None:
     await server.wait_closed()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=9001)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    raise_nofile_limit()
-    uvloop.run(run(args.host, args.port))
-
-
 if __name__ == "__main__":
-    main()
+    main(run, __doc__.splitlines()[0])

@@ -1,4 +1,6 @@
-"""How a peer leaves on SIGTERM or SIGINT: within a second or so, whatever it holds.
+"""How a peer process starts (flags, limits, uvloop) and leaves on SIGTERM or SIGINT.
+
+It leaves within a second or so, whatever it holds.
 
 The driver gives a server 5 s after SIGTERM before it kills it. Unwinding
 10,000 connections one by one through a library's graceful path takes longer
@@ -16,8 +18,10 @@ sockets. Exit status 0, as for any clean stop.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -25,6 +29,10 @@ import threading
 from collections.abc import Awaitable, Callable
 from types import FrameType
 from typing import NoReturn
+
+import uvloop
+
+from benchmarks._proc import raise_nofile_limit
 
 GRACE = 1.0  # seconds the library gets to close connections before the process goes
 
@@ -66,3 +74,14 @@ async def stop_on_signal(close: Callable[[], Awaitable[object]], grace: float = 
     await stop.wait()
     await close()
     exit_now()
+
+
+def main(run: Callable[[str, int], Awaitable[object]], description: str) -> None:
+    """A peer's entry point: --host and --port, quiet logs, the fd limit lifted."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9001)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    raise_nofile_limit()
+    uvloop.run(run(args.host, args.port))
