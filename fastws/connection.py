@@ -327,7 +327,10 @@ class Connection(WSListener):
         self._message(payload, self._fragments_text, self._fragments_compressed)
 
     def _message(self, payload: bytes, text: bool, compressed: bool = False) -> None:
-        if self.state is not OPEN:
+        if self.state is not OPEN or self.transport is None or self.transport.is_close_frame_sent:
+            # picows closes with 1009 by itself on a frame over max_message_size,
+            # but when the rest of that frame was read with its header it still
+            # hands the frame over: it is refused, not a message.
             return
         if compressed:
             try:

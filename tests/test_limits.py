@@ -25,6 +25,7 @@ from conftest import (
     ahttp_get,
     ascrape,
     metric,
+    proto_client,
     unique,
     ws_frame,
 )
@@ -139,6 +140,9 @@ async def test_message_size_limit(
     finally:
         ws.close()
     assert (await ahttp_get(node.port, "/healthz")).status == 200
+    # The oversize pub was refused, not executed: only the first was published.
+    async with proto_client(node.ws_url()) as c:
+        assert (await c.request({"op": "history", "ch": ch}))["seq"] == 1
 
 
 # --------------------------------------------------------------------------
