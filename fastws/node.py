@@ -4,7 +4,8 @@ picows parses each request on the port and asks :meth:`Node.route` what to
 do with it. WebSocket paths get a new connection object, unless a
 connection limit says no (503 node-wide, 429 per client address);
 ``/healthz``, ``/readyz`` and ``/metrics`` get a plain HTTP response on the
-same port, so probes and scrapers need nothing else; anything else is 404.
+same port, so probes and scrapers need nothing else, and ``/fastws.js`` the
+browser client; anything else is 404.
 
 Stopping is a state, not a flag. A draining node keeps its port open, so
 probes still reach it, but answers 503 to upgrades and to ``/readyz``, and
@@ -16,6 +17,8 @@ instant.
 from __future__ import annotations
 
 import asyncio
+import functools
+import importlib.resources
 import logging
 import random
 import signal
@@ -66,6 +69,26 @@ def _plain(
         response = WSUpgradeResponse.create_ok_response(body, headers)
     else:
         response = WSUpgradeResponse.create_error_response(status, body, headers)
+    return WSUpgradeResponseWithListener(response, None)
+
+
+@functools.cache
+def _browser_client_source() -> bytes:
+    return importlib.resources.files("fastws").joinpath("static/fastws.js").read_bytes()
+
+
+def _browser_client() -> WSUpgradeResponseWithListener:
+    """GET /fastws.js: the browser client (docs/client-js.md), read once from the package.
+
+    Any origin may import it (a page is rarely served by the node itself);
+    the path carries no version, so caches keep it for minutes, not days.
+    """
+    headers = {
+        "Content-Type": "text/javascript; charset=utf-8",
+        "Access-Control-Allow-Origin": "*",
+        "Cache-Control": "public, max-age=600",
+    }
+    response = WSUpgradeResponse.create_ok_response(_browser_client_source(), headers)
     return WSUpgradeResponseWithListener(response, None)
 
 
@@ -170,6 +193,8 @@ class Node:
             return _plain(503, f"{self.state.value}\n".encode())
         if path == "/metrics":
             return _plain(200, metrics.exposition(self._registry), metrics.CONTENT_TYPE)
+        if path == "/fastws.js":
+            return _browser_client()
         return None
 
     def _refusal(self, remote_ip: str) -> WSUpgradeResponseWithListener | None:

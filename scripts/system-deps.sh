@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install, with apt-get, the system packages that building and testing need
-# and that this machine lacks. Does nothing when everything is there.
+# and that this machine lacks: a C toolchain, Python headers, venv, curl, and
+# with the argument `test` Chromium. Does nothing when everything is there.
 set -euo pipefail
 
 missing=()
@@ -9,6 +10,13 @@ python3 -c 'import sysconfig, os, sys; sys.exit(not os.path.exists(os.path.join(
     || missing+=(python3-dev)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
+# With `test` (make test): a real headless browser for
+# tests/test_browser_client.py, which drives fastws.js through the DevTools
+# protocol; Debian's package is `chromium`. Not needed to build or run.
+if [ "${1:-}" = test ]; then
+    command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
+        || missing+=(chromium)
+fi
 
 if [ ${#missing[@]} -gt 0 ]; then
     echo "installing system packages: ${missing[*]}"

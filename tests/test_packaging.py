@@ -34,11 +34,22 @@ def test_build_makes_an_sdist_and_a_wheel_with_the_compiled_core(tmp_path: Path)
     assert "-none-any" not in wheel.name, "the wheel must be platform-specific"
     names = zipfile.ZipFile(wheel).namelist()
     assert any(re.fullmatch(r"fastws/_core/fanout\..*\.so", n) for n in names), names
-    for needed in ("fastws/_core/fanout.pxd", "fastws/_core/fanout.pyi", "fastws/py.typed"):
+    for needed in (
+        "fastws/_core/fanout.pxd",
+        "fastws/_core/fanout.pyi",
+        "fastws/py.typed",
+        "fastws/static/fastws.js",  # the browser client, served at GET /fastws.js
+    ):
         assert needed in names
     with tarfile.open(sdist) as tar:
         members = {m.name.split("/", 1)[1] for m in tar.getmembers() if "/" in m.name}
-    for needed in ("setup.py", "pyproject.toml", "fastws/_core/fanout.pyx", "README.md"):
+    for needed in (
+        "setup.py",
+        "pyproject.toml",
+        "fastws/_core/fanout.pyx",
+        "fastws/static/fastws.js",
+        "README.md",
+    ):
         assert needed in members
 
 
