@@ -44,6 +44,7 @@ class Config:
     presence: bool = False
     join_leave: bool = False
     namespaces: dict[str, dict[str, Any]] = field(default_factory=dict)
+    redis: str = ""
     compression: bool = False
     compression_min_size: int = 256
     compression_level: int = 6
@@ -88,6 +89,10 @@ HELP = {
     "overriding history_size, history_ttl, presence and join_leave: a table per namespace "
     "in TOML, the same as JSON in the environment and on the command line, e.g. "
     '`{"chat": {"presence": true, "join_leave": true}, "cursor": {"history_size": 0}}`.',
+    "redis": "URL of the Redis that carries publications between nodes, keeps their "
+    "history and presence, e.g. `redis://127.0.0.1:6379/0` (`rediss://` for TLS, "
+    "`redis://:password@host`); needs the `redis` extra. Empty: the embedded in-memory "
+    "broker, for a single node.",
     "compression": "Offer permessage-deflate (RFC 7692) to clients that ask for it.",
     "compression_min_size": "Messages smaller than this many bytes are sent uncompressed.",
     "compression_level": "zlib level, 1 (fastest) to 9 (smallest); a publication is "

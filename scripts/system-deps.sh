@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install, with apt-get, the system packages that building and testing need
 # and that this machine lacks: a C toolchain, Python headers, venv, curl, and
-# with the argument `test` Chromium. Does nothing when everything is there.
+# with the argument `test` Chromium and redis-server. Does nothing when
+# everything is there.
 set -euo pipefail
 
 missing=()
@@ -16,6 +17,9 @@ command -v curl >/dev/null 2>&1 || missing+=(curl)
 if [ "${1:-}" = test ]; then
     command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 \
         || missing+=(chromium)
+    # A real Redis for tests/test_brokers.py, which starts its own
+    # redis-server on a free port; the tests fail without it.
+    command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 fi
 
 if [ ${#missing[@]} -gt 0 ]; then

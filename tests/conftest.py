@@ -889,3 +889,40 @@ class RawWS:
 
     def close(self) -> None:
         self.sock.close()
+
+
+# --------------------------------------------------------------------------
+# a real redis-server for the Redis broker's tests
+# --------------------------------------------------------------------------
+
+
+def _redis_answers(port: int) -> bool:
+    with socket.create_connection((HOST, port), timeout=0.5) as s:
+        s.sendall(b"PING\r\n")
+        return s.recv(64).startswith(b"+PONG")
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[str]:
+    """A redis-server of the session's own on a free port, keeping nothing on disk.
+
+    Yields its URL. A machine without redis-server fails these tests rather
+    than skipping them: `bash scripts/system-deps.sh test` installs it.
+    """
+    import shutil
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail(
+            "redis-server is not installed; run `bash scripts/system-deps.sh test`",
+            pytrace=False,
+        )
+    port = free_port()
+    argv = [binary, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no"]
+    server = NodeProcess(argv, port, clean_env(), "redis-server")
+    try:
+        server.wait_ready(lambda: _redis_answers(port))
+        yield f"redis://{HOST}:{port}/0"
+    finally:
+        server.stop()
+        server.cleanup_files()

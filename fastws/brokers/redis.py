@@ -1,0 +1,484 @@
+"""The Redis broker: every node of a deployment shares one Redis.
+
+What is stored where, for a channel ``C`` (prefix ``fastws``)::
+
+    fastws:{C}:epoch     string  the channel's epoch, drawn by whichever node uses it first
+    fastws:{C}:seq       string  the seq of its last publication (0: none yet)
+    fastws:{C}:stream    stream  its kept publications, entry id ``0-<seq>``,
+                                 fields ``t`` (Redis time in ms) and ``p`` (the payload)
+    fastws:{C}:presence  hash    client id -> ``<expiry ms>:<info JSON>``
+    fastws:{C}           pub/sub ``<seq>:<payload>``; seq 0 for join and leave
+
+The braces are a Redis Cluster hash tag: all of a channel's keys live in one
+slot, so the scripts below may touch them together.
+
+A publication is numbered, kept and sent by one Lua script (``PUBLISH_LUA``),
+which Redis runs atomically: however many nodes publish to a channel at
+once, its seqs go 1, 2, 3... with no duplicate and no gap, and every node
+that listens receives them in that order. The script builds the payload
+from the prefix and suffix that Python encoded around the seq, so the bytes
+are those of :func:`fastws.protocol.encode_publication`.
+
+Expiry matches the memory broker: a publication older than the channel's
+``history_ttl`` is not served, and a channel's keys expire once it has been
+unused (no publication, no position or history read, no subscriber on any
+node) for ``history_ttl`` (at least :data:`MIN_LIFETIME`); it then starts a
+new epoch when it is used again. A node refreshes the keys of the channels
+it listens to, and the presence entries of its own clients, in a
+background task. When the epoch or seq key is missing (expired, evicted),
+the channel starts afresh: a new epoch, seq 0 and an empty stream.
+
+Each node holds one pub/sub connection and subscribes to a channel once,
+whatever the number of its local subscribers. If Redis goes away,
+``ready`` turns False; reconnecting is not done yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+import orjson
+import redis.asyncio as aioredis
+
+from fastws.brokers.base import Broker, Stored
+from fastws.namespaces import ChannelOptions
+from fastws.protocol import Position, encode_publication
+
+if TYPE_CHECKING:
+    from redis.asyncio.connection import AbstractConnection
+
+log = logging.getLogger(__name__)
+
+Options = Callable[[str], ChannelOptions]
+
+MIN_LIFETIME = 1.0  # seconds a channel's keys live at least after its last use
+
+# Shared by the scripts: the channel's epoch and seq, starting it afresh when
+# either is missing. KEYS: seq, epoch, stream. ARGV[1]: an epoch to use if new.
+_ENSURE = """
+if redis.replicate_commands then redis.replicate_commands() end
+local function ensure()
+  local epoch = redis.call('GET', KEYS[2])
+  local seq = redis.call('GET', KEYS[1])
+  if not epoch or not seq then
+    epoch = ARGV[1]
+    redis.call('SET', KEYS[2], epoch)
+    redis.call('SET', KEYS[1], 0)
+    redis.call('DEL', KEYS[3])
+    seq = 0
+  end
+  return epoch, tonumber(seq)
+end
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function touch(lifetime)
+  redis.call('PEXPIRE', KEYS[1], lifetime)
+  redis.call('PEXPIRE', KEYS[2], lifetime)
+  redis.call('PEXPIRE', KEYS[3], lifetime)
+end
+"""
+
+# ARGV: new epoch, payload prefix, payload suffix, history size, lifetime ms,
+# pub/sub channel. Returns the publication's seq.
+PUBLISH_LUA = (
+    _ENSURE
+    + """
+ensure()
+local seq = redis.call('INCR', KEYS[1])
+local payload = ARGV[2] .. seq .. ARGV[3]
+local size = tonumber(ARGV[4])
+if size > 0 then
+  redis.call('XADD', KEYS[3], 'MAXLEN', size, '0-' .. seq, 't', now_ms(), 'p', payload)
+else
+  redis.call('DEL', KEYS[3])
+end
+redis.call('PUBLISH', ARGV[6], seq .. ':' .. payload)
+touch(ARGV[5])
+return seq
+"""
+)
+
+# ARGV: new epoch, lifetime ms, ttl ms, mode ('n': no since, 's': since),
+# since epoch, since seq, limit (-1: none).
+# Returns {epoch, seq, served (1/0), seq1, payload1, seq2, payload2, ...}.
+HISTORY_LUA = (
+    _ENSURE
+    + """
+local epoch, seq = ensure()
+touch(ARGV[2])
+local oldest = now_ms() - tonumber(ARGV[3])
+local limit = tonumber(ARGV[7])
+local out = {epoch, seq, 1}
+local function add(entries, from)
+  for i = from, #entries do
+    local e = entries[i]
+    if tonumber(e[2][2]) >= oldest then
+      out[#out + 1] = tonumber(string.sub(e[1], 3))
+      out[#out + 1] = e[2][4]
+    end
+  end
+end
+if ARGV[4] == 'n' then
+  if limit == 0 then return out end
+  if limit < 0 then
+    add(redis.call('XRANGE', KEYS[3], '-', '+'), 1)
+  else
+    local last = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', limit)
+    local n = #last
+    for i = 1, math.floor(n / 2) do last[i], last[n + 1 - i] = last[n + 1 - i], last[i] end
+    add(last, 1)
+  end
+  return out
+end
+local since = tonumber(ARGV[6])
+if ARGV[5] ~= epoch or since > seq then out[3] = 0 return out end
+if since == seq then return out end
+local count = seq - since
+if limit >= 0 and limit < count then count = math.max(limit, 1) end
+local entries = redis.call('XRANGE', KEYS[3], '0-' .. (since + 1), '+', 'COUNT', count)
+local first = entries[1]
+if not first or first[1] ~= '0-' .. (since + 1) or tonumber(first[2][2]) < oldest then
+  out[3] = 0
+  return out
+end
+if limit ~= 0 then add(entries, 1) end
+return out
+"""
+)
+
+# KEYS: presence hash. ARGV: lifetime ms, then client, info pairs.
+PRESENCE_SET_LUA = """
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local expiry = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+for i = 2, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], string.format('%d', expiry) .. ':' .. ARGV[i + 1])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
+# KEYS: presence hash. Returns client, info pairs that have not expired,
+# and deletes those that have.
+PRESENCE_GET_LUA = """
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local all = redis.call('HGETALL', KEYS[1])
+local out = {}
+for i = 1, #all, 2 do
+  local v = all[i + 1]
+  local colon = string.find(v, ':', 1, true)
+  if colon and tonumber(string.sub(v, 1, colon - 1)) >= now then
+    out[#out + 1] = all[i]
+    out[#out + 1] = string.sub(v, colon + 1)
+  else
+    redis.call('HDEL', KEYS[1], all[i])
+  end
+end
+return out
+"""
+
+
+def redact(url: str) -> str:
+    """The URL without its password, fit for a log line or an error."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+class RedisBroker(Broker):
+    """Numbers, keeps and carries publications through one Redis (see the module doc)."""
+
+    def __init__(
+        self,
+        url: str,
+        options: Options,
+        shortest_ttl: float = 300.0,
+        *,
+        prefix: str = "fastws",
+        presence_ttl: float = 30.0,
+        max_connections: int = 32,
+    ) -> None:
+        """``options`` gives each channel's history bounds; ``shortest_ttl`` is the
+        shortest ``history_ttl`` among them, which sets how often the keys of
+        subscribed channels are refreshed. A presence entry lives
+        ``presence_ttl`` seconds unless its node refreshes it."""
+        super().__init__()
+        self.url = url
+        self._options = options
+        self._prefix = prefix
+        self._presence_ttl_ms = max(1, int(presence_ttl * 1000))
+        self._refresh_period = min(presence_ttl, max(shortest_ttl, MIN_LIFETIME)) / 3
+        self._max_connections = max_connections
+        self._pool: aioredis.BlockingConnectionPool | None = None
+        self._redis: aioredis.Redis | None = None
+        self._sub: AbstractConnection | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._refresher: asyncio.Task[None] | None = None
+        self._healthy = False
+        # pub/sub channel name -> channel, for the channels this node listens to
+        self._names: dict[bytes, str] = {}
+        self._confirming: dict[bytes, deque[asyncio.Future[None]]] = {}
+        # this node's clients' presence: channel -> client -> info JSON
+        self._present: dict[str, dict[str, bytes]] = {}
+
+    # keys
+
+    def _keys(self, channel: str) -> list[str]:
+        base = f"{self._prefix}:{{{channel}}}"
+        return [base + ":seq", base + ":epoch", base + ":stream"]
+
+    def _presence_key(self, channel: str) -> str:
+        return f"{self._prefix}:{{{channel}}}:presence"
+
+    def _pubsub_name(self, channel: str) -> bytes:
+        return f"{self._prefix}:{{{channel}}}".encode()
+
+    def _lifetime_ms(self, options: ChannelOptions) -> int:
+        return int(max(options.history_ttl, MIN_LIFETIME) * 1000)
+
+    # lifecycle
+
+    async def start(self) -> None:
+        self._pool = aioredis.BlockingConnectionPool.from_url(
+            self.url, max_connections=self._max_connections, timeout=None
+        )
+        self._redis = aioredis.Redis(connection_pool=self._pool)
+        self._publish = self._redis.register_script(PUBLISH_LUA)
+        self._history = self._redis.register_script(HISTORY_LUA)
+        self._presence_set = self._redis.register_script(PRESENCE_SET_LUA)
+        self._presence_get = self._redis.register_script(PRESENCE_GET_LUA)
+        # The pub/sub connection speaks RESP2, where a message is a plain
+        # reply (RESP3 would hand it to a push handler), and waits for
+        # messages as long as it takes.
+        options = aioredis.ConnectionPool.from_url(
+            self.url, protocol=2, socket_timeout=None
+        ).connection_kwargs
+        sub = self._pool.connection_class(**options)
+        try:
+            await self._redis.ping()
+            await sub.connect()  # type: ignore[no-untyped-call]
+        except (aioredis.RedisError, OSError) as exc:
+            await self._close()
+            raise ConnectionError(f"cannot reach Redis at {redact(self.url)}: {exc}") from exc
+        self._sub = sub
+        self._healthy = True
+        loop = asyncio.get_running_loop()
+        self._reader = loop.create_task(self._read_forever(sub))
+        self._refresher = loop.create_task(self._refresh_forever())
+
+    async def stop(self) -> None:
+        for task in (self._reader, self._refresher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._reader = self._refresher = None
+        if self._redis is not None and self._present and self._healthy:
+            with contextlib.suppress(aioredis.RedisError, OSError, TimeoutError):
+                async with asyncio.timeout(1.0), self._redis.pipeline(transaction=False) as p:
+                    for channel, clients in self._present.items():
+                        p.hdel(self._presence_key(channel), *clients)
+                    await p.execute()
+        self._present.clear()
+        await self._close()
+
+    async def _close(self) -> None:
+        self._healthy = False
+        for waiting in self._confirming.values():
+            for future in waiting:
+                future.cancel()
+        self._confirming.clear()
+        self._names.clear()
+        if self._sub is not None:
+            await self._sub.disconnect()
+            self._sub = None
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+        if self._pool is not None:
+            await self._pool.disconnect()
+            self._pool = None
+
+    @property
+    def ready(self) -> bool:
+        return self._healthy and self._reader is not None and not self._reader.done()
+
+    def _client(self) -> aioredis.Redis:
+        if self._redis is None:
+            raise ConnectionError("the Redis broker is not started")
+        return self._redis
+
+    # publications
+
+    async def publish(self, channel: str, data: Any) -> int:
+        client = self._client()
+        options = self._options(channel)
+        head = orjson.dumps({"ch": channel})[:-1] + b',"seq":'
+        whole = encode_publication(channel, 0, data)  # refuses what cannot be encoded
+        tail = whole[len(head) + 1 :]
+        seq = await self._publish(
+            keys=self._keys(channel),
+            args=[
+                secrets.token_hex(4),
+                head,
+                tail,
+                options.history_size,
+                self._lifetime_ms(options),
+                self._pubsub_name(channel),
+            ],
+            client=client,
+        )
+        return int(seq)
+
+    async def position(self, channel: str) -> Position:
+        position, _ = await self._read(channel, None, 0)
+        return position
+
+    async def history(
+        self, channel: str, since: Position | None, limit: int | None = None
+    ) -> tuple[Position, list[Stored] | None]:
+        return await self._read(channel, since, limit)
+
+    async def _read(
+        self, channel: str, since: Position | None, limit: int | None
+    ) -> tuple[Position, list[Stored] | None]:
+        client = self._client()
+        options = self._options(channel)
+        reply = await self._history(
+            keys=self._keys(channel),
+            args=[
+                secrets.token_hex(4),
+                self._lifetime_ms(options),
+                int(options.history_ttl * 1000),
+                "n" if since is None else "s",
+                "" if since is None else since.epoch,
+                0 if since is None else since.seq,
+                -1 if limit is None else limit,
+            ],
+            client=client,
+        )
+        position = Position(reply[0].decode(), int(reply[1]))
+        if not reply[2]:
+            return position, None
+        return position, [Stored(int(reply[i]), reply[i + 1]) for i in range(3, len(reply), 2)]
+
+    async def announce(self, channel: str, payload: bytes) -> None:
+        await self._client().publish(self._pubsub_name(channel), b"0:" + payload)
+
+    # subscriptions
+
+    async def subscribe(self, channel: str) -> None:
+        sub = self._sub
+        if sub is None or not self.ready:
+            raise ConnectionError("the Redis broker is not connected")
+        name = self._pubsub_name(channel)
+        self._names[name] = channel
+        confirmed = asyncio.get_running_loop().create_future()
+        self._confirming.setdefault(name, deque()).append(confirmed)
+        await sub.send_command("SUBSCRIBE", name, check_health=False)
+        # Redis answers in order; the reader resolves this once Redis has
+        # confirmed, and from then on no publication to the channel is missed.
+        await confirmed
+
+    async def unsubscribe(self, channel: str) -> None:
+        name = self._pubsub_name(channel)
+        self._names.pop(name, None)
+        if self._sub is not None:
+            await self._sub.send_command("UNSUBSCRIBE", name, check_health=False)
+
+    async def _read_forever(self, sub: AbstractConnection) -> None:
+        names = self._names
+        try:
+            while True:
+                message = await sub.read_response()
+                kind = message[0]
+                if kind == b"message":
+                    channel = names.get(message[1])
+                    if channel is None or self._deliver is None:
+                        continue  # unsubscribed meanwhile
+                    data: bytes = message[2]
+                    colon = data.index(b":")
+                    try:
+                        self._deliver(channel, int(data[:colon]), data[colon + 1 :])
+                    except Exception:
+                        log.exception("delivering a publication of %r failed", channel)
+                elif kind == b"subscribe":
+                    waiting = self._confirming.get(message[1])
+                    if waiting:
+                        future = waiting.popleft()
+                        if not waiting:
+                            del self._confirming[message[1]]
+                        if not future.done():
+                            future.set_result(None)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error("lost the Redis pub/sub connection to %s: %r", redact(self.url), exc)
+            self._healthy = False
+            for waiting in self._confirming.values():
+                for future in waiting:
+                    if not future.done():
+                        future.set_exception(ConnectionError(f"Redis pub/sub lost: {exc!r}"))
+            self._confirming.clear()
+
+    # presence
+
+    async def add_presence(self, channel: str, client: str, info: dict[str, Any]) -> None:
+        encoded = orjson.dumps(info)
+        self._present.setdefault(channel, {})[client] = encoded
+        await self._presence_set(
+            keys=[self._presence_key(channel)],
+            args=[self._presence_ttl_ms, client, encoded],
+            client=self._client(),
+        )
+
+    async def remove_presence(self, channel: str, client: str) -> None:
+        present = self._present.get(channel)
+        if present is not None:
+            present.pop(client, None)
+            if not present:
+                del self._present[channel]
+        await self._client().hdel(self._presence_key(channel), client)
+
+    async def presence(self, channel: str) -> dict[str, dict[str, Any]]:
+        reply = await self._presence_get(keys=[self._presence_key(channel)], client=self._client())
+        return {reply[i].decode(): orjson.loads(reply[i + 1]) for i in range(0, len(reply), 2)}
+
+    # upkeep
+
+    async def refresh(self) -> None:
+        """Extend the keys of the channels this node listens to and its clients' presence."""
+        client = self._client()
+        async with client.pipeline(transaction=False) as pipe:
+            for channel in list(self._names.values()):
+                lifetime = self._lifetime_ms(self._options(channel))
+                for key in self._keys(channel):
+                    pipe.pexpire(key, lifetime)
+            for channel, clients in list(self._present.items()):
+                args: list[Any] = [self._presence_ttl_ms]
+                for pair in clients.items():
+                    args.extend(pair)
+                await self._presence_set(keys=[self._presence_key(channel)], args=args, client=pipe)
+            await pipe.execute()
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._refresh_period)
+            try:
+                await self.refresh()
+            except (aioredis.RedisError, OSError) as exc:
+                log.warning("refreshing Redis keys failed: %r", exc)
