@@ -147,6 +147,8 @@ async def test_history_without_since_is_the_last_limit(node: Node) -> None:
     assert kept[0].payload == encode_publication("h", 1, 1)
     _, last = await b.history("h", None, 2)
     assert last is not None and [s.seq for s in last] == [4, 5]
+    _, every = await b.history("h", None, 10**30)
+    assert every is not None and [s.seq for s in every] == [1, 2, 3, 4, 5]
     _, none = await b.history("h", None, 0)
     assert none == []
     _, empty = await b.history("fresh", None)
@@ -169,6 +171,8 @@ async def test_history_since_serves_everything_after_or_none(node: Node) -> None
     assert await since(2, 0) == []
     assert await since(5) == []  # at the end: nothing missed
     assert await since(6) is None  # past the end
+    assert await since(10**30) is None
+    assert await since(2, 10**30) == [3, 4, 5]
     assert await since(2, ep="another") is None
 
 

@@ -367,7 +367,7 @@ class RedisBroker(Broker):
                 "n" if since is None else "s",
                 "" if since is None else since.epoch,
                 0 if since is None else since.seq,
-                -1 if limit is None else limit,
+                -1 if limit is None else min(limit, 1 << 30),  # Lua counts in doubles
             ],
             client=client,
         )
