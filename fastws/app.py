@@ -10,10 +10,12 @@ reaches channel subscribers from their own code with :meth:`App.publish`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -25,12 +27,17 @@ from fastws.brokers import Broker, MemoryBroker
 from fastws.config import Config, load
 from fastws.connection import Connection, Step, finish, start_eagerly
 from fastws.namespaces import Namespaces
+from fastws.protocol import Position
 from fastws.session import ChannelSession
 
 if TYPE_CHECKING:
     from fastws.node import Node
 
 logger = logging.getLogger("fastws.app")
+
+# Longest a join waits for this node's stream of a channel to reach the
+# position its history was read at (a networked broker's pub/sub lagging).
+CATCH_UP_TIMEOUT = 5.0
 
 
 @dataclass
@@ -129,6 +136,13 @@ class App:
         self.stats = Stats()
         self.node_name = self._name()
         self._background: set[asyncio.Task[None]] = set()
+        # Per channel this node listens to: local subscribers and joins under
+        # way, the broker subscription, the seq of the last publication its
+        # stream delivered, and joins waiting for that stream to move on.
+        self._listeners: Counter[str] = Counter()
+        self._listening: dict[str, asyncio.Future[None]] = {}
+        self._seen: dict[str, int] = {}
+        self._arrived: dict[str, asyncio.Event] = {}
 
     def _name(self) -> str:
         return self.config.node_name or f"{socket.gethostname()}-{os.getpid()}"
@@ -152,26 +166,100 @@ class App:
         """Publish data (any JSON value) to a channel on every node; return its seq."""
         return await self.broker.publish(channel, data)
 
-    async def join(self, conn: Connection, channel: str) -> bool:
-        """Add conn to channel's subscribers; False if it was one already.
+    async def join(
+        self,
+        conn: Connection,
+        channel: str,
+        greet: Callable[[], Awaitable[Position]] | None = None,
+    ) -> bool:
+        """Make conn a subscriber of channel; False if it is one already.
 
-        Presence and the join message come later (:meth:`announce_join`),
-        once the subscription is confirmed to the client.
+        ``greet`` queues what conn must get before any live publication (the
+        sub reply, the replay) and returns the position that brought it to.
+        Live delivery then starts right after that position: the node
+        listens to the channel before ``greet`` reads it, and before conn
+        joins the fanout, publications this node received meanwhile are sent
+        from the history, or the node waits for its stream to reach the
+        position. With the memory broker none of this waits. Presence and
+        the join message come later (:meth:`announce_join`).
         """
         assert conn.outbox is not None
         if channel in conn.outbox.channels:
             return False
-        if self.hub.subscribe(conn.outbox, channel):
-            await self.broker.subscribe(channel)
+        await self._listen(channel)
+        try:
+            if greet is not None:
+                await self._catch_up(conn, channel, await greet())
+        except BaseException:
+            self._unlisten(channel)
+            raise
+        if conn.outbox.closed:  # gone while this waited
+            self._unlisten(channel)
+            return False
+        self.hub.subscribe(conn.outbox, channel)
         return True
 
     async def leave(self, conn: Connection, channel: str) -> None:
         assert conn.outbox is not None
         if channel not in conn.outbox.channels:
             return
-        if self.hub.unsubscribe(conn.outbox, channel):
-            await self.broker.unsubscribe(channel)
+        self.hub.unsubscribe(conn.outbox, channel)
+        self._unlisten(channel)
         await self.announce_leave(conn, channel)
+
+    async def _listen(self, channel: str) -> None:
+        """One more local claim on channel; the broker subscribes for the first.
+
+        Once the subscription is confirmed, the channel's position is read:
+        every publication after it reaches this node through the broker, so
+        it is where the node's stream of the channel starts.
+        """
+        self._listeners[channel] += 1
+        try:
+            listening = self._listening.get(channel)
+            if listening is None:
+                listening = self._listening[channel] = self.start(self._subscribe(channel))
+            await listening
+        except BaseException:
+            self._unlisten(channel)
+            raise
+
+    async def _subscribe(self, channel: str) -> None:
+        await self.broker.subscribe(channel)
+        position = await self.broker.position(channel)
+        self._seen[channel] = max(self._seen.get(channel, 0), position.seq)
+
+    def _unlisten(self, channel: str) -> None:
+        self._listeners[channel] -= 1
+        if self._listeners[channel] > 0:
+            return
+        del self._listeners[channel]
+        self._listening.pop(channel, None)
+        self._seen.pop(channel, None)
+        # Brokers apply subscribe and unsubscribe in the order they are called.
+        self.start(self.broker.unsubscribe(channel))
+
+    async def _catch_up(self, conn: Connection, channel: str, sent: Position) -> None:
+        """Bring conn from ``sent`` to where this node's stream of channel is."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CATCH_UP_TIMEOUT
+        last = sent.seq
+        while (seen := self._seen.get(channel, last)) != last:
+            if seen > last:
+                _, missed = await self.broker.history(channel, Position(sent.epoch, last))
+                if not missed:
+                    logger.warning("%s: history cannot catch %s up on %s", conn.id, channel, last)
+                    return
+                for stored in missed:
+                    conn.send_text(stored.payload)
+                last = missed[-1].seq
+            elif loop.time() < deadline:
+                arrived = self._arrived.setdefault(channel, asyncio.Event())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(arrived.wait(), deadline - loop.time())
+            else:
+                logger.warning("%s: the stream of %s lags behind its history", conn.id, channel)
+                return
 
     async def announce_join(self, conn: Connection, channel: str) -> None:
         """Record conn's presence and tell the channel, where its namespace asks for it."""
@@ -204,9 +292,9 @@ class App:
         if conn.outbox is None:
             return
         left = list(conn.outbox.channels)
-        for channel in conn.outbox.close():
-            self.start(self.broker.unsubscribe(channel))
+        conn.outbox.close()
         for channel in left:
+            self._unlisten(channel)
             self.start(self.announce_leave(conn, channel))
 
     def start(self, step: Step) -> asyncio.Future[None]:
@@ -227,6 +315,15 @@ class App:
         return task
 
     def _deliver(self, channel: str, seq: int, payload: bytes) -> None:
+        if seq:
+            seen = self._seen.get(channel)
+            if seen is not None:
+                if seq <= seen:
+                    return  # this node's subscribers were given it from the history
+                self._seen[channel] = seq
+                arrived = self._arrived.pop(channel, None)
+                if arrived is not None:
+                    arrived.set()
         deflated = None
         config = self.config
         if config.compression and len(payload) >= config.compression_min_size:

@@ -66,6 +66,8 @@ CONNECTING, OPEN, CLOSING, CLOSED = State.CONNECTING, State.OPEN, State.CLOSING,
 @types.coroutine
 def _resume(coro: Step, waiting_on: Any) -> Generator[Any, None, None]:
     """Go on with a coroutine that was started outside a task and then waited."""
+    if asyncio.isfuture(waiting_on):
+        waiting_on._asyncio_future_blocking = True  # taken back by the task, see start_eagerly
     yield waiting_on
     yield from coro
 
@@ -79,6 +81,12 @@ def start_eagerly(step: Step) -> tuple[Step, Any] | None:
         waiting_on = step.send(None)
     except StopIteration:
         return None
+    if asyncio.isfuture(waiting_on):
+        # Awaiting a pending future marks it "blocking" until a task takes it
+        # and clears the mark; a second await of the same future while it is
+        # marked fails. No task takes it until _resume, so clear it here, as a
+        # task would, for other coroutines that await the same future meanwhile.
+        waiting_on._asyncio_future_blocking = False
     return step, waiting_on
 
 

@@ -13,7 +13,7 @@ import asyncio
 from fastws import protocol
 from fastws.connection import Connection, Step
 from fastws.limits import RateLimit, Strikes
-from fastws.protocol import CommandError, ErrorCode
+from fastws.protocol import CommandError, ErrorCode, Position
 
 
 def _is_utf8(payload: bytes) -> bool:
@@ -98,12 +98,16 @@ class ChannelSession(Connection):
             self.send_text(protocol.encode_ok(command.id, seq=seq))
 
     async def _sub(self, command: protocol.Sub) -> None:
-        # With a broker that does not wait (the memory broker), the join, the
-        # history look-up, the reply and the replay all happen in one loop
-        # turn, so the reply and the missed publications are queued before
-        # any live publication the join lets through, and none is lost or
-        # sent twice.
-        joined = await self.app.join(self, command.ch)
+        # The reply and the replay are queued before the connection joins the
+        # channel's fanout, and the join starts live delivery right after the
+        # position they reached (App.join): none is lost or sent twice.
+        if await self.app.join(self, command.ch, lambda: self._greet(command)):
+            await self.app.announce_join(self, command.ch)
+        else:
+            await self._greet(command, replay=False)
+
+    async def _greet(self, command: protocol.Sub, replay: bool = True) -> Position:
+        """Queue the sub reply and, with ``since``, the missed publications."""
         if command.since is None:
             position, missed = await self.app.broker.position(command.ch), None
         else:
@@ -118,10 +122,10 @@ class ChannelSession(Connection):
                     recovered=missed is not None,
                 )
             )
-        for stored in missed or ():
-            self.send_text(stored.payload)
-        if joined:
-            await self.app.announce_join(self, command.ch)
+        if replay:
+            for stored in missed or ():
+                self.send_text(stored.payload)
+        return position
 
     async def _history(self, command: protocol.History) -> None:
         position, kept = await self.app.broker.history(command.ch, command.since, command.limit)
