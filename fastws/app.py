@@ -23,7 +23,7 @@ import uvloop
 
 from fastws import deflate, protocol
 from fastws._core.fanout import Hub
-from fastws.brokers import Broker, MemoryBroker
+from fastws.brokers import Broker, make_broker
 from fastws.config import Config, load
 from fastws.connection import Connection, Step, finish, start_eagerly
 from fastws.namespaces import Namespaces
@@ -127,7 +127,10 @@ class App:
         # apply in library mode as they do to `fastws serve`.
         self.config = config or load()
         self.namespaces = Namespaces(self.config)
-        self.broker = broker or MemoryBroker(self.namespaces, self.namespaces.shortest_ttl())
+        self.broker = broker or make_broker(self.config, self.namespaces)
+        # fastws's own steps run outside a task until they first wait, unless
+        # the broker's client needs a task (redis-py's timeouts do).
+        self.eager = not self.broker.waits
         self.broker.attach(self._deliver)
         self.hub = Hub()
         self.routes: dict[str, type[Connection]] = {}
@@ -298,18 +301,21 @@ class App:
             self.start(self.announce_leave(conn, channel))
 
     def start(self, step: Step) -> asyncio.Future[None]:
-        """Run step now until it first waits, the rest in a task; a future of its end.
+        """Run step, in a task or (``eager``) now until it first waits; a future of its end.
 
-        Most steps never wait (the memory broker does not), and those cost no
-        task. An exception raised before the first wait propagates here.
+        With the memory broker most steps never wait, and run eagerly they
+        cost no task; an exception raised before the first wait then
+        propagates here.
         """
         loop = asyncio.get_running_loop()
-        started = start_eagerly(step)
-        if started is None:
-            done = loop.create_future()
-            done.set_result(None)
-            return done
-        task = loop.create_task(finish(*started))
+        if self.eager:
+            started = start_eagerly(step)
+            if started is None:
+                done = loop.create_future()
+                done.set_result(None)
+                return done
+            step = finish(*started)
+        task = loop.create_task(step)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
         return task

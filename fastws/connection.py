@@ -21,7 +21,7 @@ import logging
 import secrets
 import types
 from collections import deque
-from collections.abc import Coroutine, Generator
+from collections.abc import Awaitable, Coroutine, Generator
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
@@ -97,6 +97,10 @@ async def finish(step: Step, waiting_on: Any) -> None:
 
 class Connection(WSListener):
     """Base of every server-side connection; subclasses handle whole messages."""
+
+    # Whether this class's steps may run outside a task until they first wait
+    # (see _run): true for fastws's own code, which avoids what needs a task.
+    eager = False
 
     # Slots, not a __dict__: about a kilobyte less per idle connection.
     __slots__ = (
@@ -374,20 +378,30 @@ class Connection(WSListener):
         self.close(code, reason)
 
     def _run(self, step: Step | None) -> None:
-        """Run a handler's coroutine now, or after the ones still waiting."""
+        """Run a handler's coroutine now, or after the ones still waiting.
+
+        A class whose steps are known not to need a task (``eager``) has
+        each run at once, up to its first wait, and pays for a task only
+        then; others always run in a task, where asyncio.timeout() and
+        current_task() work.
+        """
         if step is None:
             return
         if self._queue is not None:
             self._queue.append(step)
             return
-        started = start_eagerly(step)
-        if started is not None:
-            self._queue = deque()
-            self._task = asyncio.get_running_loop().create_task(self._finish(*started))
+        first: Awaitable[None] = step
+        if self.eager and self.app.eager:
+            started = start_eagerly(step)
+            if started is None:
+                return
+            first = finish(*started)
+        self._queue = deque()
+        self._task = asyncio.get_running_loop().create_task(self._finish(first))
 
-    async def _finish(self, step: Step, waiting_on: Any) -> None:
+    async def _finish(self, first: Awaitable[None]) -> None:
         try:
-            await finish(step, waiting_on)
+            await first
             while self._queue:
                 await self._queue.popleft()
         except Exception as exc:

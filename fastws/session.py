@@ -28,6 +28,7 @@ class ChannelSession(Connection):
     """One connection speaking the channel protocol."""
 
     __slots__ = ("_rate", "_strikes")
+    eager = True
 
     def opened(self) -> None:
         config = self.app.config

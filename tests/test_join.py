@@ -1,5 +1,8 @@
 """Joining a channel mid-stream with a broker that waits, as a networked one does.
 
+Twice: through the memory broker given a network's timing, and through a
+real Redis shared by two nodes, subscribers on both.
+
 The memory broker never waits, so a subscription's reply, replay and join
 happen in one loop turn. A networked broker reads positions and history
 over the network while its pub/sub stream runs behind or ahead of them.
@@ -120,5 +123,39 @@ async def test_subscribers_joining_mid_stream_get_each_publication_once_in_order
         await node.app.publish(ch, n)
         if n % 4 == 0:
             await asyncio.sleep(0.003)
+    for start, seqs in await asyncio.gather(*subs):
+        assert seqs == list(range(start + 1, PUBLICATIONS + 1)), (start, seqs[:20])
+
+
+@pytest.fixture
+async def redis_nodes(redis_server: str) -> AsyncIterator[list[Any]]:
+    nodes = []
+    for _ in range(2):
+        app = App(Config(redis=redis_server, history_size=PUBLICATIONS, log_level="warning"))
+        app.channels("/ws")
+        nodes.append(await asyncio.wait_for(app.serve(host=HOST, port=0), 10))
+    yield nodes
+    for node in nodes:
+        await asyncio.wait_for(node.stop(), 10)
+
+
+async def test_the_same_across_two_nodes_sharing_redis(redis_nodes: list[Any]) -> None:
+    ch = unique("join-redis")
+    rng = random.Random(13)
+    subs = [
+        asyncio.create_task(
+            subscriber(
+                f"ws://{HOST}:{redis_nodes[i % 2].port}/ws",
+                ch,
+                rng.uniform(0.05, 1.0),
+                since=i % 3 == 0,
+            )
+        )
+        for i in range(16)
+    ]
+    await asyncio.sleep(0.3)
+    publishers = [node.app for node in redis_nodes]
+    for n in range(PUBLICATIONS):
+        await publishers[n % 2].publish(ch, n)
     for start, seqs in await asyncio.gather(*subs):
         assert seqs == list(range(start + 1, PUBLICATIONS + 1)), (start, seqs[:20])

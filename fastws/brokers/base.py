@@ -55,6 +55,10 @@ class Broker(ABC):
     async def stop(self) -> None:  # noqa: B027
         """Disconnect; called after the last client has gone."""
 
+    # Whether calls may wait on the network, in a client that needs a task
+    # to run in (asyncio.timeout); the node then runs broker calls in tasks.
+    waits = True
+
     @property
     def ready(self) -> bool:
         """Whether publishing and subscribing work right now (for /readyz)."""

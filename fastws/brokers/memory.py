@@ -46,6 +46,8 @@ class MemoryBroker(Broker):
     is gone. A restarted node starts every channel afresh the same way.
     """
 
+    waits = False
+
     def __init__(
         self,
         options: Options = lambda channel: DEFAULTS,
