@@ -196,7 +196,8 @@ class App:
         except BaseException:
             self._unlisten(channel)
             raise
-        if conn.outbox.closed:  # gone while this waited
+        if conn.outbox.closed or channel in conn.outbox.channels:
+            # Gone while this waited, or joined meanwhile by another call.
             self._unlisten(channel)
             return False
         self.hub.subscribe(conn.outbox, channel)
