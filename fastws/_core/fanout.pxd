@@ -33,7 +33,7 @@ cdef class Outbox:
     cpdef send_binary(self, bytes payload)
     cpdef send_deflated(self, bytes payload, bint text)
     cpdef flush(self)
-    cpdef list close(self)
+    cpdef close(self)
 
 
 cdef class Channel:
@@ -61,7 +61,7 @@ cdef class Hub:
     cdef int _mark_dirty(self, Outbox outbox) except -1
     cdef int _schedule_flush(self) except -1
     cpdef Py_ssize_t publish(self, str channel, bytes payload, dict deflated=*) except -1
-    cpdef bint subscribe(self, Outbox outbox, str channel) except -1
-    cpdef bint unsubscribe(self, Outbox outbox, str channel) except -1
-    cpdef list drop(self, Outbox outbox)
+    cpdef int subscribe(self, Outbox outbox, str channel) except -1
+    cpdef int unsubscribe(self, Outbox outbox, str channel) except -1
+    cpdef int drop(self, Outbox outbox) except -1
     cpdef flush(self)

@@ -244,14 +244,14 @@ cdef class Outbox:
         """Hand what is queued to the transport now (before a close frame, say)."""
         self._write_pending()
 
-    cpdef list close(self):
-        """Leave every channel and drop what is queued; return the channels left empty.
+    cpdef close(self):
+        """Leave every channel and drop what is queued.
 
-        Later sends are ignored. Closing twice is harmless (and returns []).
+        Later sends are ignored. Closing twice is harmless.
         """
         self.closed = True
         self.size = 0
-        return self.hub.drop(self)
+        self.hub.drop(self)
 
 
 cdef class Channel:
@@ -331,34 +331,32 @@ cdef class Hub:
         self._schedule_flush()
         return 0
 
-    cpdef bint subscribe(self, Outbox outbox, str channel) except -1:
-        """Add outbox to channel; True when it is the channel's first subscriber."""
+    cpdef int subscribe(self, Outbox outbox, str channel) except -1:
+        """Add outbox to channel, once."""
         cdef Channel ch = self.channels.get(channel)
-        cdef bint first = False
         if ch is None:
             ch = Channel(channel)
             self.channels[channel] = ch
-            first = True
         if outbox in ch.positions:
-            return False
+            return 0
         if outbox.deflate_bits > MAX_WINDOW_BITS:
             raise ValueError("deflate_bits is 0 or a window of 9 to 15 bits")
         ch.positions[outbox] = len(ch.members)
         ch.members.append(outbox)
         ch.deflaters[outbox.deflate_bits] += 1
         outbox.channels.append(channel)
-        return first
+        return 0
 
-    cpdef bint unsubscribe(self, Outbox outbox, str channel) except -1:
-        """Remove outbox from channel in O(1); True when the channel became empty."""
+    cpdef int unsubscribe(self, Outbox outbox, str channel) except -1:
+        """Remove outbox from channel in O(1), and the channel once it is empty."""
         cdef Channel ch = self.channels.get(channel)
         cdef Py_ssize_t pos
         cdef Outbox last
         if ch is None:
-            return False
+            return 0
         pos = ch.positions.pop(outbox, -1)
         if pos < 0:
-            return False
+            return 0
         outbox.channels.remove(channel)
         ch.deflaters[outbox.deflate_bits] -= 1
         last = ch.members.pop()
@@ -367,16 +365,13 @@ cdef class Hub:
             ch.positions[last] = pos
         if not ch.members:
             del self.channels[channel]
-            return True
-        return False
+        return 0
 
-    cpdef list drop(self, Outbox outbox):
-        """Remove outbox from every channel; return the channels left empty."""
-        cdef list emptied = []
+    cpdef int drop(self, Outbox outbox) except -1:
+        """Remove outbox from every channel."""
         for name in list(outbox.channels):
-            if self.unsubscribe(outbox, name):
-                emptied.append(name)
-        return emptied
+            self.unsubscribe(outbox, name)
+        return 0
 
     cpdef Py_ssize_t publish(self, str channel, bytes payload, dict deflated=None) except -1:
         """Frame payload once and queue it for every subscriber; return how many.
