@@ -27,6 +27,7 @@ class Config:
     host: str = "0.0.0.0"
     port: int = 8080
     path: str = "/ws"
+    workers: int = 1
     max_message_size: int = 65536
     handshake_timeout: float = 5.0
     close_timeout: float = 2.0
@@ -56,6 +57,10 @@ HELP = {
     "host": "Address to listen on.",
     "port": "TCP port for WebSocket upgrades and the HTTP endpoints.",
     "path": "Path of the channel-protocol WebSocket endpoint.",
+    "workers": "Processes `fastws serve` runs on the port, each binding it with "
+    "SO_REUSEPORT so that the kernel spreads connections over them, under a supervisor "
+    "that restarts any that dies (docs/workers.md). More than 1 needs `redis`, which "
+    "carries publications between them.",
     "max_message_size": "Largest message a client may send, in bytes; a larger one closes "
     "the connection with 1009.",
     "handshake_timeout": "Seconds a new TCP connection has to complete the WebSocket "
@@ -208,6 +213,7 @@ def load(
 
 _RANGES = {
     "port": (0, 65535),
+    "workers": (1, None),
     "max_message_size": (1, None),
     "compression_level": (0, 9),
     "compression_min_size": (0, None),
@@ -238,6 +244,14 @@ def _check(config: Config) -> None:
     ):
         if getattr(config, name) < 0:
             raise ConfigError(f"{name}: must not be negative")
+    if config.workers > 1 and config.port == 0:
+        raise ConfigError("workers: processes sharing a port need a fixed port, not 0")
+    if config.workers > 1 and not config.redis:
+        raise ConfigError(
+            f"workers: {config.workers} processes need redis set, to carry publications "
+            "between them; without it each would be a node of its own whose clients "
+            "never see the others' publications"
+        )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
