@@ -926,3 +926,21 @@ def redis_server() -> Iterator[str]:
     finally:
         server.stop()
         server.cleanup_files()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_nodes() -> Iterator[Any]:
+    """A Redis Cluster of three masters of the session's own (tests/rediscluster.py).
+
+    Fails, as ``redis_server`` does, when redis-server is not installed.
+    """
+    from rediscluster import running_cluster
+
+    with running_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(redis_cluster_nodes: Any) -> str:
+    """The seed URL of the session's Redis Cluster."""
+    return str(redis_cluster_nodes.seed_url)
