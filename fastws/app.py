@@ -24,6 +24,7 @@ import uvloop
 from fastws import deflate, protocol
 from fastws._core.fanout import Hub
 from fastws.brokers import Broker, make_broker
+from fastws.brokers.base import Unavailable
 from fastws.config import Config, load
 from fastws.connection import Connection, Step, finish, start_eagerly
 from fastws.namespaces import Namespaces
@@ -38,6 +39,34 @@ logger = logging.getLogger("fastws.app")
 # Longest a join waits for this node's stream of a channel to reach the
 # position its history was read at (a networked broker's pub/sub lagging).
 CATCH_UP_TIMEOUT = 5.0
+
+# Filling a gap in a channel's stream from its history retries this often
+# while the broker is unavailable.
+FILL_RETRY = 0.5
+
+# The close code for subscribers of a channel whose history was lost (a new
+# epoch) or no longer reaches back over a gap this node's stream had: they
+# reconnect, resubscribe with their position and are told it was not
+# recovered.
+HISTORY_LOST = 1012
+
+
+class _Stream:
+    """What this node received of one channel it listens to, and where that is.
+
+    ``epoch`` and ``seq`` are the position of the last publication handed
+    to local subscribers (``epoch`` is None until the channel's position
+    was first read). While ``held`` is a list, a gap is being filled from
+    the history and live publications wait in it, in order.
+    """
+
+    __slots__ = ("arrived", "epoch", "held", "seq")
+
+    def __init__(self) -> None:
+        self.epoch: str | None = None
+        self.seq = 0
+        self.held: list[tuple[str, int, bytes]] | None = None
+        self.arrived: asyncio.Event | None = None
 
 
 @dataclass
@@ -131,7 +160,7 @@ class App:
         # fastws's own steps run outside a task until they first wait, unless
         # the broker's client needs a task (redis-py's timeouts do).
         self.eager = not self.broker.waits
-        self.broker.attach(self._deliver)
+        self.broker.attach(self._deliver, self._resync)
         self.hub = Hub()
         self.routes: dict[str, type[Connection]] = {}
         self.connections: set[Connection] = set()
@@ -140,12 +169,10 @@ class App:
         self.node_name = self._name()
         self._background: set[asyncio.Task[None]] = set()
         # Per channel this node listens to: local subscribers and joins under
-        # way, the broker subscription, the seq of the last publication its
-        # stream delivered, and joins waiting for that stream to move on.
+        # way, the broker subscription, and what its stream delivered.
         self._listeners: Counter[str] = Counter()
         self._listening: dict[str, asyncio.Future[None]] = {}
-        self._seen: dict[str, int] = {}
-        self._arrived: dict[str, asyncio.Event] = {}
+        self._streams: dict[str, _Stream] = {}
 
     def _name(self) -> str:
         return self.config.node_name or f"{socket.gethostname()}-{os.getpid()}"
@@ -229,9 +256,11 @@ class App:
             raise
 
     async def _subscribe(self, channel: str) -> None:
+        stream = self._streams[channel] = _Stream()
         await self.broker.subscribe(channel)
         position = await self.broker.position(channel)
-        self._seen[channel] = max(self._seen.get(channel, 0), position.seq)
+        stream.epoch = position.epoch
+        stream.seq = max(stream.seq, position.seq)
 
     def _unlisten(self, channel: str) -> None:
         self._listeners[channel] -= 1
@@ -239,7 +268,7 @@ class App:
             return
         del self._listeners[channel]
         self._listening.pop(channel, None)
-        self._seen.pop(channel, None)
+        self._streams.pop(channel, None)
         # Brokers apply subscribe and unsubscribe in the order they are called.
         self.start(self.broker.unsubscribe(channel))
 
@@ -248,37 +277,55 @@ class App:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + CATCH_UP_TIMEOUT
         last = sent.seq
-        while (seen := self._seen.get(channel, last)) != last:
-            if seen > last:
+        while True:
+            stream = self._streams.get(channel)
+            if stream is None or (stream.epoch == sent.epoch and stream.seq == last):
+                return
+            if stream.epoch == sent.epoch and stream.seq > last:
                 _, missed = await self.broker.history(channel, Position(sent.epoch, last))
                 if not missed:
                     logger.warning("%s: history cannot catch %s up on %s", conn.id, channel, last)
+                    conn.close(HISTORY_LOST, "channel history lost")
                     return
                 for stored in missed:
                     conn.send_text(stored.payload)
                 last = missed[-1].seq
             elif loop.time() < deadline:
-                arrived = self._arrived.setdefault(channel, asyncio.Event())
+                # The stream lags behind (or is being filled, or is in
+                # another epoch until its reset): wait for it to move.
+                if stream.arrived is None:
+                    stream.arrived = asyncio.Event()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(arrived.wait(), deadline - loop.time())
+                    await asyncio.wait_for(stream.arrived.wait(), deadline - loop.time())
             else:
                 logger.warning("%s: the stream of %s lags behind its history", conn.id, channel)
                 return
 
     async def announce_join(self, conn: Connection, channel: str) -> None:
-        """Record conn's presence and tell the channel, where its namespace asks for it."""
+        """Record conn's presence and tell the channel, where its namespace asks for it.
+
+        With the broker unavailable the join message is lost (it is not a
+        publication, and is never replayed); the broker keeps the presence
+        entry and writes it when it is back.
+        """
         options = self.namespaces(channel)
-        if options.presence:
-            await self.broker.add_presence(channel, conn.id, conn.info())
-        if options.join_leave:
-            await self.broker.announce(channel, protocol.encode_join(channel, conn.info()))
+        try:
+            if options.presence:
+                await self.broker.add_presence(channel, conn.id, conn.info())
+            if options.join_leave:
+                await self.broker.announce(channel, protocol.encode_join(channel, conn.info()))
+        except Unavailable as exc:
+            logger.warning("%s: announcing its join to %s: %s", conn.id, channel, exc)
 
     async def announce_leave(self, conn: Connection, channel: str) -> None:
         options = self.namespaces(channel)
-        if options.presence:
-            await self.broker.remove_presence(channel, conn.id)
-        if options.join_leave:
-            await self.broker.announce(channel, protocol.encode_leave(channel, conn.info()))
+        try:
+            if options.presence:
+                await self.broker.remove_presence(channel, conn.id)
+            if options.join_leave:
+                await self.broker.announce(channel, protocol.encode_leave(channel, conn.info()))
+        except Unavailable as exc:
+            logger.warning("%s: announcing its leave from %s: %s", conn.id, channel, exc)
 
     def register(self, conn: Connection) -> None:
         self.connections.add(conn)
@@ -321,16 +368,32 @@ class App:
         task.add_done_callback(self._background.discard)
         return task
 
-    def _deliver(self, channel: str, seq: int, payload: bytes) -> None:
+    def _deliver(self, channel: str, epoch: str, seq: int, payload: bytes) -> None:
         if seq:
-            seen = self._seen.get(channel)
-            if seen is not None:
-                if seq <= seen:
-                    return  # this node's subscribers were given it from the history
-                self._seen[channel] = seq
-                arrived = self._arrived.pop(channel, None)
-                if arrived is not None:
-                    arrived.set()
+            stream = self._streams.get(channel)
+            if stream is not None:
+                if stream.held is not None:
+                    stream.held.append((epoch, seq, payload))
+                    return
+                if stream.epoch is not None:
+                    if epoch == stream.epoch and seq <= stream.seq:
+                        return  # this node's subscribers were given it from the history
+                    if epoch != stream.epoch or seq != stream.seq + 1:
+                        # A gap, or a new epoch: fill from the history first.
+                        stream.held = [(epoch, seq, payload)]
+                        self.start(self._fill(channel, stream))
+                        return
+                stream.seq = seq
+                self._advanced(stream)
+        self._fan_out(channel, payload)
+
+    def _advanced(self, stream: _Stream) -> None:
+        arrived = stream.arrived
+        if arrived is not None:
+            stream.arrived = None
+            arrived.set()
+
+    def _fan_out(self, channel: str, payload: bytes) -> None:
         deflated = None
         config = self.config
         if config.compression and len(payload) >= config.compression_min_size:
@@ -340,6 +403,52 @@ class App:
                 for bits in self.hub.deflate_bits(channel)
             }
         self.hub.publish(channel, payload, deflated)
+
+    def _resync(self) -> None:
+        """The broker may have missed publications: check every channel listened to."""
+        for channel, stream in self._streams.items():
+            if stream.held is None and stream.epoch is not None:
+                stream.held = []
+                self.start(self._fill(channel, stream))
+
+    async def _fill(self, channel: str, stream: _Stream) -> None:
+        """Hand local subscribers what the stream of channel missed, then what it held.
+
+        The gap is read from the channel's history. When the history has
+        another epoch, or no longer reaches back to the stream's position,
+        the subscribers cannot be given the gap; they are closed with
+        :data:`HISTORY_LOST` so that they resubscribe and are told.
+        """
+        assert stream.epoch is not None and stream.held is not None
+        while self._streams.get(channel) is stream:
+            try:
+                position, missed = await self.broker.history(
+                    channel, Position(stream.epoch, stream.seq)
+                )
+                break
+            except Unavailable as exc:
+                logger.warning("filling a gap in %s: %s", channel, exc)
+                await asyncio.sleep(FILL_RETRY)
+        else:
+            return  # nobody on this node listens to the channel any more
+        if missed is None:
+            self._history_lost(channel)
+            stream.epoch, stream.seq = position.epoch, position.seq
+        else:
+            for stored in missed:
+                if stored.seq > stream.seq:
+                    stream.seq = stored.seq
+                    self._fan_out(channel, stored.payload)
+        held, stream.held = stream.held, None
+        self._advanced(stream)
+        for item in held:
+            self._deliver(channel, *item)
+
+    def _history_lost(self, channel: str) -> None:
+        logger.warning("the history of %s was lost; closing its subscribers on this node", channel)
+        for conn in list(self.connections):
+            if conn.outbox is not None and channel in conn.outbox.channels:
+                conn.close(HISTORY_LOST, "channel history lost")
 
     async def serve(self, **options: Any) -> Node:
         """Start a node for this app on the running loop; options override the config."""
@@ -352,12 +461,18 @@ class App:
         await node.start()
         return node
 
-    def run(self, **options: Any) -> None:
-        """Serve on uvloop until SIGTERM or SIGINT, then drain and return."""
+    def run(self, started: Callable[[Node], object] | None = None, **options: Any) -> None:
+        """Serve on uvloop until SIGTERM or SIGINT, then drain and return.
+
+        ``started`` is called with the node once it listens, on its loop: a
+        worker tells its supervisor so (fastws.workers).
+        """
 
         async def main() -> None:
             node = await self.serve(**options)
             node.handle_signals()
+            if started is not None:
+                started(node)
             await node.wait_stopped()
 
         level = logging.getLevelName(replace(self.config, **options).log_level.upper())

@@ -25,6 +25,7 @@ class ErrorCode(StrEnum):
     LIMIT_EXCEEDED = "limit_exceeded"
     UNRECOVERABLE = "unrecoverable"
     NOT_AVAILABLE = "not_available"
+    UNAVAILABLE = "unavailable"
     INTERNAL = "internal_error"
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 
 from fastws import protocol
+from fastws.brokers.base import Unavailable
 from fastws.connection import Connection, Step
 from fastws.limits import RateLimit, Strikes
 from fastws.protocol import CommandError, ErrorCode, Position
@@ -92,6 +93,8 @@ class ChannelSession(Connection):
         except CommandError as exc:
             exc.id = command.id
             self._answer_error(exc)
+        except Unavailable as exc:
+            self._answer_error(CommandError(ErrorCode.UNAVAILABLE, str(exc), command.id))
 
     async def _pub(self, command: protocol.Pub) -> None:
         seq = await self.app.publish(command.ch, command.data)

@@ -43,7 +43,7 @@ class Node:
     def __init__(self, broker: Broker) -> None:
         self.broker = broker
         self.got: list[tuple[str, int, bytes]] = []
-        broker.attach(lambda ch, seq, payload: self.got.append((ch, seq, payload)))
+        broker.attach(lambda ch, epoch, seq, payload: self.got.append((ch, seq, payload)))
 
     def seqs(self, channel: str) -> list[int]:
         return [seq for ch, seq, _ in self.got if ch == channel and seq]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -41,12 +41,15 @@ class LaggingBroker(MemoryBroker):
     def __init__(self, seed: int) -> None:
         super().__init__(lambda channel: ChannelOptions(PUBLICATIONS, 300.0, False, False))
         self.rng = random.Random(seed)
-        self.queue: asyncio.Queue[tuple[str, int, bytes]] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[str, str, int, bytes]] = asyncio.Queue()
         self.pump: asyncio.Task[None] | None = None
 
-    def attach(self, deliver: Deliver) -> None:
+    def attach(self, deliver: Deliver, resync: Callable[[], None] | None = None) -> None:
         self.late = deliver
-        super().attach(lambda ch, seq, payload: self.queue.put_nowait((ch, seq, payload)))
+        super().attach(
+            lambda ch, epoch, seq, payload: self.queue.put_nowait((ch, epoch, seq, payload)),
+            resync,
+        )
 
     async def start(self) -> None:
         await super().start()

@@ -23,8 +23,17 @@ from typing import Any
 
 from fastws.protocol import Position
 
-# (channel, seq, payload): seq is 0 for a message that is not a publication.
-Deliver = Callable[[str, int, bytes], None]
+# (channel, epoch, seq, payload): seq is 0 (and the epoch meaningless) for a
+# message that is not a publication.
+Deliver = Callable[[str, str, int, bytes], None]
+
+
+class Unavailable(ConnectionError):
+    """The backplane cannot be reached right now; the same call may work later.
+
+    Commands that meet it are answered with the ``unavailable`` error, and
+    the connection stays open.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,10 +53,17 @@ class Broker(ABC):
 
     def __init__(self) -> None:
         self._deliver: Deliver | None = None
+        self._resync: Callable[[], None] | None = None
 
-    def attach(self, deliver: Deliver) -> None:
-        """Set where this node's publications go; called once by the App."""
+    def attach(self, deliver: Deliver, resync: Callable[[], None] | None = None) -> None:
+        """Set where this node's publications go; called once by the App.
+
+        ``resync`` is called when the broker may have missed publications of
+        the channels it listens to (it lost and regained its connection), so
+        that the node checks each channel's position against the broker.
+        """
         self._deliver = deliver
+        self._resync = resync
 
     async def start(self) -> None:  # noqa: B027 (a broker with nothing to connect keeps it)
         """Connect; called before the node accepts clients."""

@@ -88,7 +88,7 @@ class MemoryBroker(Broker):
         if state.kept.maxlen:
             state.kept.append((state.last_used, Stored(seq, payload)))
         if self._deliver is not None:
-            self._deliver(channel, seq, payload)
+            self._deliver(channel, state.epoch, seq, payload)
         return seq
 
     async def subscribe(self, channel: str) -> None:
@@ -139,7 +139,7 @@ class MemoryBroker(Broker):
 
     async def announce(self, channel: str, payload: bytes) -> None:
         if self._deliver is not None:
-            self._deliver(channel, 0, payload)
+            self._deliver(channel, "", 0, payload)
 
     async def add_presence(self, channel: str, client: str, info: dict[str, Any]) -> None:
         self._presence.setdefault(channel, {})[client] = info

@@ -7,7 +7,7 @@ What is stored where, for a channel ``C`` (prefix ``fastws``)::
     fastws:{C}:stream    stream  its kept publications, entry id ``0-<seq>``,
                                  fields ``t`` (Redis time in ms) and ``p`` (the payload)
     fastws:{C}:presence  hash    client id -> ``<expiry ms>:<info JSON>``
-    fastws:{C}           pub/sub ``<seq>:<payload>``; seq 0 for join and leave
+    fastws:{C}           pub/sub ``<epoch>:<seq>:<payload>``; ``:0:<payload>`` for join and leave
 
 The braces are a Redis Cluster hash tag: all of a channel's keys live in one
 slot, so the scripts below may touch them together.
@@ -29,8 +29,17 @@ background task. When the epoch or seq key is missing (expired, evicted),
 the channel starts afresh: a new epoch, seq 0 and an empty stream.
 
 Each node holds one pub/sub connection and subscribes to a channel once,
-whatever the number of its local subscribers. If Redis goes away,
-``ready`` turns False; reconnecting is not done yet.
+whatever the number of its local subscribers. Every pub/sub message carries
+the channel's epoch, so a node notices a channel that started afresh (its
+keys flushed or evicted) even while its connection stayed up.
+
+If Redis goes away (the pub/sub connection drops, or stays silent past
+:data:`SILENCE` although it is pinged), ``ready`` turns False, commands fail
+with :class:`~fastws.brokers.base.Unavailable`, and the broker reconnects
+with capped, jittered backoff. Once it has re-subscribed to every channel
+and Redis has confirmed them all, it is ready again and calls ``resync``:
+the node then compares each channel's last seq with Redis and replays the
+gap from the stream (see ``App._fill``).
 """
 
 from __future__ import annotations
@@ -38,16 +47,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import secrets
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
-from fastws.brokers.base import Broker, Stored
+from fastws.brokers.base import Broker, Stored, Unavailable
 from fastws.namespaces import ChannelOptions
 from fastws.protocol import Position, encode_publication
 
@@ -59,6 +71,21 @@ log = logging.getLogger(__name__)
 Options = Callable[[str], ChannelOptions]
 
 MIN_LIFETIME = 1.0  # seconds a channel's keys live at least after its last use
+
+# The pub/sub connection is pinged this often, and given up as dead when
+# nothing (no message, no pong) came for SILENCE seconds: a peer that vanished
+# without closing (a cut link, a paused VM) is noticed in bounded time.
+PING_PERIOD = 5.0
+SILENCE = 3 * PING_PERIOD
+
+# Reconnecting waits a random time up to min(RECONNECT_CAP, RECONNECT_BASE *
+# 2 ** attempt) ("full jitter"), so that the nodes of a deployment do not all
+# reconnect to a restarted Redis in the same instant.
+RECONNECT_BASE = 0.1
+RECONNECT_CAP = 5.0
+
+# A command waits this long for Redis before it fails as unavailable.
+COMMAND_TIMEOUT = 5.0
 
 # Shared by the scripts: the channel's epoch and seq, starting it afresh when
 # either is missing. KEYS: seq, epoch, stream. ARGV[1]: an epoch to use if new.
@@ -92,7 +119,7 @@ end
 PUBLISH_LUA = (
     _ENSURE
     + """
-ensure()
+local epoch = ensure()
 local seq = redis.call('INCR', KEYS[1])
 local payload = ARGV[2] .. seq .. ARGV[3]
 local size = tonumber(ARGV[4])
@@ -101,7 +128,7 @@ if size > 0 then
 else
   redis.call('DEL', KEYS[3])
 end
-redis.call('PUBLISH', ARGV[6], seq .. ':' .. payload)
+redis.call('PUBLISH', ARGV[6], epoch .. ':' .. seq .. ':' .. payload)
 touch(ARGV[5])
 return seq
 """
@@ -229,6 +256,7 @@ class RedisBroker(Broker):
         self._reader: asyncio.Task[None] | None = None
         self._refresher: asyncio.Task[None] | None = None
         self._healthy = False
+        self._heard = 0.0  # loop time the pub/sub connection last said anything
         # pub/sub channel name -> channel, for the channels this node listens to
         self._names: dict[bytes, str] = {}
         self._confirming: dict[bytes, deque[asyncio.Future[None]]] = {}
@@ -253,31 +281,31 @@ class RedisBroker(Broker):
     # lifecycle
 
     async def start(self) -> None:
+        # No retries inside redis-py: a publish retried after Redis ran it
+        # would be published twice. A failed command is answered as
+        # unavailable, and the client decides.
         self._pool = aioredis.BlockingConnectionPool.from_url(
-            self.url, max_connections=self._max_connections, timeout=None
+            self.url,
+            max_connections=self._max_connections,
+            timeout=None,
+            socket_timeout=COMMAND_TIMEOUT,
+            socket_connect_timeout=COMMAND_TIMEOUT,
+            retry=Retry(NoBackoff(), 0),
         )
         self._redis = aioredis.Redis(connection_pool=self._pool)
         self._publish = self._redis.register_script(PUBLISH_LUA)
         self._history = self._redis.register_script(HISTORY_LUA)
         self._presence_set = self._redis.register_script(PRESENCE_SET_LUA)
         self._presence_get = self._redis.register_script(PRESENCE_GET_LUA)
-        # The pub/sub connection speaks RESP2, where a message is a plain
-        # reply (RESP3 would hand it to a push handler), and waits for
-        # messages as long as it takes.
-        options = aioredis.ConnectionPool.from_url(
-            self.url, protocol=2, socket_timeout=None
-        ).connection_kwargs
-        sub = self._pool.connection_class(**options)
         try:
             await self._redis.ping()
-            await sub.connect()  # type: ignore[no-untyped-call]
+            sub = await self._connect_pubsub()
         except (aioredis.RedisError, OSError) as exc:
             await self._close()
             raise ConnectionError(f"cannot reach Redis at {redact(self.url)}: {exc}") from exc
-        self._sub = sub
         self._healthy = True
         loop = asyncio.get_running_loop()
-        self._reader = loop.create_task(self._read_forever(sub))
+        self._reader = loop.create_task(self._hold_pubsub(sub))
         self._refresher = loop.create_task(self._refresh_forever())
 
     async def stop(self) -> None:
@@ -297,15 +325,8 @@ class RedisBroker(Broker):
         await self._close()
 
     async def _close(self) -> None:
-        self._healthy = False
-        for waiting in self._confirming.values():
-            for future in waiting:
-                future.cancel()
-        self._confirming.clear()
+        self._lose(ConnectionError("the Redis broker stopped"))
         self._names.clear()
-        if self._sub is not None:
-            await self._sub.disconnect()
-            self._sub = None
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
@@ -319,8 +340,16 @@ class RedisBroker(Broker):
 
     def _client(self) -> aioredis.Redis:
         if self._redis is None:
-            raise ConnectionError("the Redis broker is not started")
+            raise Unavailable("the Redis broker is not started")
         return self._redis
+
+    @contextlib.contextmanager
+    def _reaching(self) -> Iterator[None]:
+        """Turn Redis being unreachable into :class:`Unavailable` for the caller."""
+        try:
+            yield
+        except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
+            raise Unavailable(f"Redis at {redact(self.url)} is unavailable: {exc}") from exc
 
     # publications
 
@@ -330,18 +359,19 @@ class RedisBroker(Broker):
         head = orjson.dumps({"ch": channel})[:-1] + b',"seq":'
         whole = encode_publication(channel, 0, data)  # refuses what cannot be encoded
         tail = whole[len(head) + 1 :]
-        seq = await self._publish(
-            keys=self._keys(channel),
-            args=[
-                secrets.token_hex(4),
-                head,
-                tail,
-                options.history_size,
-                self._lifetime_ms(options),
-                self._pubsub_name(channel),
-            ],
-            client=client,
-        )
+        with self._reaching():
+            seq = await self._publish(
+                keys=self._keys(channel),
+                args=[
+                    secrets.token_hex(4),
+                    head,
+                    tail,
+                    options.history_size,
+                    self._lifetime_ms(options),
+                    self._pubsub_name(channel),
+                ],
+                client=client,
+            )
         return int(seq)
 
     async def position(self, channel: str) -> Position:
@@ -358,93 +388,197 @@ class RedisBroker(Broker):
     ) -> tuple[Position, list[Stored] | None]:
         client = self._client()
         options = self._options(channel)
-        reply = await self._history(
-            keys=self._keys(channel),
-            args=[
-                secrets.token_hex(4),
-                self._lifetime_ms(options),
-                int(options.history_ttl * 1000),
-                "n" if since is None else "s",
-                "" if since is None else since.epoch,
-                0 if since is None else since.seq,
-                -1 if limit is None else min(limit, 1 << 30),  # Lua counts in doubles
-            ],
-            client=client,
-        )
+        with self._reaching():
+            reply = await self._history(
+                keys=self._keys(channel),
+                args=[
+                    secrets.token_hex(4),
+                    self._lifetime_ms(options),
+                    int(options.history_ttl * 1000),
+                    "n" if since is None else "s",
+                    "" if since is None else since.epoch,
+                    0 if since is None else since.seq,
+                    -1 if limit is None else min(limit, 1 << 30),  # Lua counts in doubles
+                ],
+                client=client,
+            )
         position = Position(reply[0].decode(), int(reply[1]))
         if not reply[2]:
             return position, None
         return position, [Stored(int(reply[i]), reply[i + 1]) for i in range(3, len(reply), 2)]
 
     async def announce(self, channel: str, payload: bytes) -> None:
-        await self._client().publish(self._pubsub_name(channel), b"0:" + payload)
+        with self._reaching():
+            await self._client().publish(self._pubsub_name(channel), b":0:" + payload)
 
     # subscriptions
 
     async def subscribe(self, channel: str) -> None:
         sub = self._sub
         if sub is None or not self.ready:
-            raise ConnectionError("the Redis broker is not connected")
+            raise Unavailable(f"Redis at {redact(self.url)} is unavailable (reconnecting)")
         name = self._pubsub_name(channel)
         self._names[name] = channel
-        confirmed = asyncio.get_running_loop().create_future()
-        self._confirming.setdefault(name, deque()).append(confirmed)
-        await sub.send_command("SUBSCRIBE", name, check_health=False)
-        # Redis answers in order; the reader resolves this once Redis has
-        # confirmed, and from then on no publication to the channel is missed.
-        await confirmed
+        confirmed = self._confirmation(name)
+        with self._reaching():
+            await sub.send_command("SUBSCRIBE", name, check_health=False)
+            # Redis answers in order; the reader resolves this once Redis has
+            # confirmed, and from then on no publication to the channel is missed.
+            await confirmed
 
     async def unsubscribe(self, channel: str) -> None:
         name = self._pubsub_name(channel)
         self._names.pop(name, None)
-        if self._sub is not None:
-            await self._sub.send_command("UNSUBSCRIBE", name, check_health=False)
+        if self._sub is not None and self._healthy:
+            with contextlib.suppress(aioredis.RedisError, OSError):
+                await self._sub.send_command("UNSUBSCRIBE", name, check_health=False)
 
-    async def _read_forever(self, sub: AbstractConnection) -> None:
-        names = self._names
+    def _confirmation(self, name: bytes) -> asyncio.Future[None]:
+        confirmed = asyncio.get_running_loop().create_future()
+        self._confirming.setdefault(name, deque()).append(confirmed)
+        return confirmed
+
+    async def _connect_pubsub(self) -> AbstractConnection:
+        """A new pub/sub connection, subscribed again to every channel listened to.
+
+        It speaks RESP2, where a message is a plain reply (RESP3 would hand
+        it to a push handler), and waits for messages as long as it takes.
+        """
+        assert self._pool is not None
+        options = aioredis.ConnectionPool.from_url(
+            self.url, protocol=2, socket_timeout=None, socket_connect_timeout=COMMAND_TIMEOUT
+        ).connection_kwargs
+        sub = self._pool.connection_class(**options)
+        await sub.connect()  # type: ignore[no-untyped-call]
+        self._sub = sub
+        self._heard = asyncio.get_running_loop().time()
+        return sub
+
+    async def _hold_pubsub(self, sub: AbstractConnection) -> None:
+        """Read the pub/sub connection; when it is lost, connect and subscribe again."""
+        loop = asyncio.get_running_loop()
+        confirmed: list[asyncio.Future[None]] | None = None
+        while True:
+            reader = loop.create_task(self._read_pubsub(sub))
+            pinger = loop.create_task(self._ping_forever(sub))
+            try:
+                if confirmed is not None:
+                    await self._rejoined(confirmed)
+                await reader
+            except (aioredis.RedisError, OSError) as exc:
+                log.error("lost the Redis pub/sub connection to %s: %r", redact(self.url), exc)
+                self._lose(exc)
+            finally:
+                reader.cancel()
+                pinger.cancel()
+                await sub.disconnect()
+            # Pooled connections are as dead as this one was; drop the idle
+            # ones so that the next commands connect afresh.
+            if self._pool is not None:
+                await self._pool.disconnect(inuse_connections=False)
+            sub, confirmed = await self._reconnect()
+
+    async def _reconnect(self) -> tuple[AbstractConnection, list[asyncio.Future[None]]]:
+        """Connect again, with backoff, and subscribe to every channel listened to."""
+        attempt = 0
+        while True:
+            cap = min(RECONNECT_CAP, RECONNECT_BASE * 2**attempt)
+            await asyncio.sleep(random.uniform(0, cap))
+            attempt += 1
+            try:
+                sub = await self._connect_pubsub()
+                confirmed = [self._confirmation(name) for name in self._names]
+                if self._names:
+                    await sub.send_command("SUBSCRIBE", *self._names, check_health=False)
+                return sub, confirmed
+            except (aioredis.RedisError, OSError) as exc:
+                log.warning("reconnecting to Redis at %s failed: %r", redact(self.url), exc)
+                self._lose(exc)
+
+    async def _rejoined(self, confirmed: list[asyncio.Future[None]]) -> None:
+        """Once Redis confirmed every subscription again: ready, and the node resyncs."""
+        await asyncio.gather(*confirmed)
+        log.warning("reconnected to Redis at %s", redact(self.url))
+        self._healthy = True
         try:
-            while True:
-                message = await sub.read_response()
-                kind = message[0]
-                if kind == b"message":
-                    channel = names.get(message[1])
-                    if channel is None or self._deliver is None:
-                        continue  # unsubscribed meanwhile
-                    data: bytes = message[2]
-                    colon = data.index(b":")
-                    try:
-                        self._deliver(channel, int(data[:colon]), data[colon + 1 :])
-                    except Exception:
-                        log.exception("delivering a publication of %r failed", channel)
-                elif kind == b"subscribe":
-                    waiting = self._confirming.get(message[1])
-                    if waiting:
-                        future = waiting.popleft()
-                        if not waiting:
-                            del self._confirming[message[1]]
-                        if not future.done():
-                            future.set_result(None)
-        except asyncio.CancelledError:
-            raise
+            await self.refresh()  # presence that a restarted Redis lost comes back now
+        except (aioredis.RedisError, OSError) as exc:
+            log.warning("refreshing Redis keys failed: %r", exc)
+        if self._resync is not None:
+            self._resync()
+
+    def _lose(self, exc: BaseException) -> None:
+        """The pub/sub connection is gone: not ready, and no subscription confirms."""
+        self._healthy = False
+        self._sub = None
+        for waiting in self._confirming.values():
+            for future in waiting:
+                if not future.done():
+                    future.set_exception(Unavailable(f"Redis pub/sub lost: {exc!r}"))
+        self._confirming.clear()
+
+    async def _ping_forever(self, sub: AbstractConnection) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(PING_PERIOD)
+            if loop.time() - self._heard > SILENCE:
+                log.error("the Redis pub/sub connection to %s went silent", redact(self.url))
+                await sub.disconnect()  # the reader fails, and reconnects
+                return
+            with contextlib.suppress(aioredis.RedisError, OSError):
+                await sub.send_command("PING", check_health=False)
+
+    async def _read_pubsub(self, sub: AbstractConnection) -> None:
+        try:
+            await self._read_messages(sub)
         except Exception as exc:
-            log.error("lost the Redis pub/sub connection to %s: %r", redact(self.url), exc)
-            self._healthy = False
-            for waiting in self._confirming.values():
-                for future in waiting:
+            self._lose(exc)  # fails the confirmations a reconnect waits for
+            raise
+
+    async def _read_messages(self, sub: AbstractConnection) -> None:
+        names = self._names
+        loop = asyncio.get_running_loop()
+        while True:
+            message = await sub.read_response()
+            self._heard = loop.time()
+            kind = message[0]
+            if kind == b"message":
+                channel = names.get(message[1])
+                if channel is None or self._deliver is None:
+                    continue  # unsubscribed meanwhile
+                data: bytes = message[2]
+                # <epoch>:<seq>:<payload>
+                first = data.index(b":")
+                second = data.index(b":", first + 1)
+                try:
+                    self._deliver(
+                        channel,
+                        data[:first].decode(),
+                        int(data[first + 1 : second]),
+                        data[second + 1 :],
+                    )
+                except Exception:
+                    log.exception("delivering a publication of %r failed", channel)
+            elif kind == b"subscribe":
+                waiting = self._confirming.get(message[1])
+                if waiting:
+                    future = waiting.popleft()
+                    if not waiting:
+                        del self._confirming[message[1]]
                     if not future.done():
-                        future.set_exception(ConnectionError(f"Redis pub/sub lost: {exc!r}"))
-            self._confirming.clear()
+                        future.set_result(None)
 
     # presence
 
     async def add_presence(self, channel: str, client: str, info: dict[str, Any]) -> None:
         encoded = orjson.dumps(info)
         self._present.setdefault(channel, {})[client] = encoded
-        await self._presence_set(
-            keys=[self._presence_key(channel)],
-            args=[self._presence_ttl_ms, client, encoded],
-            client=self._client(),
-        )
+        with self._reaching():
+            await self._presence_set(
+                keys=[self._presence_key(channel)],
+                args=[self._presence_ttl_ms, client, encoded],
+                client=self._client(),
+            )
 
     async def remove_presence(self, channel: str, client: str) -> None:
         present = self._present.get(channel)
@@ -452,10 +586,14 @@ class RedisBroker(Broker):
             present.pop(client, None)
             if not present:
                 del self._present[channel]
-        await self._client().hdel(self._presence_key(channel), client)
+        with self._reaching():
+            await self._client().hdel(self._presence_key(channel), client)
 
     async def presence(self, channel: str) -> dict[str, dict[str, Any]]:
-        reply = await self._presence_get(keys=[self._presence_key(channel)], client=self._client())
+        with self._reaching():
+            reply = await self._presence_get(
+                keys=[self._presence_key(channel)], client=self._client()
+            )
         return {reply[i].decode(): orjson.loads(reply[i + 1]) for i in range(0, len(reply), 2)}
 
     # upkeep
@@ -478,6 +616,8 @@ class RedisBroker(Broker):
     async def _refresh_forever(self) -> None:
         while True:
             await asyncio.sleep(self._refresh_period)
+            if not self._healthy:
+                continue  # the keys are refreshed as soon as Redis is back
             try:
                 await self.refresh()
             except (aioredis.RedisError, OSError) as exc:
