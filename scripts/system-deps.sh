@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install, with apt-get, the system packages that building and testing need
 # and that this machine lacks: a C toolchain, Python headers, venv, curl, and
-# with the argument `test` Chromium and redis-server. Does nothing when
+# with the argument `test` Chromium, redis-server and nginx. Does nothing when
 # everything is there.
 set -euo pipefail
 
@@ -20,6 +20,11 @@ if [ "${1:-}" = test ]; then
     # A real Redis for tests/test_brokers.py, which starts its own
     # redis-server on a free port; the tests fail without it.
     command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+    # A real nginx for tests/test_nginx.py, which runs deploy/nginx.conf
+    # (as an unprivileged user, on a free port) in front of three nodes; the
+    # tests fail without it. Debian installs it under /usr/sbin, which is not
+    # on every user's PATH, hence the second look.
+    command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 fi
 
 if [ ${#missing[@]} -gt 0 ]; then
