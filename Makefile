@@ -38,7 +38,8 @@ conformance-long: $(STAMP)
 	status=$$?; kill $$echo; exit $$status
 
 # System packages: a C compiler and Python headers for the Cython core, venv
-# for the environment, Chromium for the browser-client tests. Installed with
+# for the environment; Chromium, redis-server and nginx for the tests (the
+# browser client, the Redis broker, the load-balancer test). Installed with
 # apt-get only when missing.
 system-deps:
 	@bash scripts/system-deps.sh test
