@@ -69,6 +69,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Options = Callable[[str], ChannelOptions]
+# A single Redis, or a Redis Cluster for the cluster broker (fastws.brokers.cluster).
+Client = aioredis.Redis | aioredis.RedisCluster
 
 MIN_LIFETIME = 1.0  # seconds a channel's keys live at least after its last use
 
@@ -229,6 +231,11 @@ def redact(url: str) -> str:
 class RedisBroker(Broker):
     """Numbers, keeps and carries publications through one Redis (see the module doc)."""
 
+    # The pub/sub publish command of announce and of the publish script; the
+    # cluster broker uses sharded pub/sub (SPUBLISH) instead.
+    _publish_command = "PUBLISH"
+    _publish_lua = PUBLISH_LUA
+
     def __init__(
         self,
         url: str,
@@ -251,7 +258,7 @@ class RedisBroker(Broker):
         self._refresh_period = min(presence_ttl, max(shortest_ttl, MIN_LIFETIME)) / 3
         self._max_connections = max_connections
         self._pool: aioredis.BlockingConnectionPool | None = None
-        self._redis: aioredis.Redis | None = None
+        self._redis: Client | None = None
         self._sub: AbstractConnection | None = None
         self._reader: asyncio.Task[None] | None = None
         self._refresher: asyncio.Task[None] | None = None
@@ -293,10 +300,7 @@ class RedisBroker(Broker):
             retry=Retry(NoBackoff(), 0),
         )
         self._redis = aioredis.Redis(connection_pool=self._pool)
-        self._publish = self._redis.register_script(PUBLISH_LUA)
-        self._history = self._redis.register_script(HISTORY_LUA)
-        self._presence_set = self._redis.register_script(PRESENCE_SET_LUA)
-        self._presence_get = self._redis.register_script(PRESENCE_GET_LUA)
+        self._register_scripts(self._redis)
         try:
             await self._redis.ping()
             sub = await self._connect_pubsub()
@@ -307,6 +311,12 @@ class RedisBroker(Broker):
         loop = asyncio.get_running_loop()
         self._reader = loop.create_task(self._hold_pubsub(sub))
         self._refresher = loop.create_task(self._refresh_forever())
+
+    def _register_scripts(self, client: Client) -> None:
+        self._publish = client.register_script(self._publish_lua)
+        self._history = client.register_script(HISTORY_LUA)
+        self._presence_set = client.register_script(PRESENCE_SET_LUA)
+        self._presence_get = client.register_script(PRESENCE_GET_LUA)
 
     async def stop(self) -> None:
         for task in (self._reader, self._refresher):
@@ -338,7 +348,7 @@ class RedisBroker(Broker):
     def ready(self) -> bool:
         return self._healthy and self._reader is not None and not self._reader.done()
 
-    def _client(self) -> aioredis.Redis:
+    def _client(self) -> Client:
         if self._redis is None:
             raise Unavailable("the Redis broker is not started")
         return self._redis
@@ -409,7 +419,9 @@ class RedisBroker(Broker):
 
     async def announce(self, channel: str, payload: bytes) -> None:
         with self._reaching():
-            await self._client().publish(self._pubsub_name(channel), b":0:" + payload)
+            await self._client().execute_command(
+                self._publish_command, self._pubsub_name(channel), b":0:" + payload
+            )
 
     # subscriptions
 
@@ -536,29 +548,13 @@ class RedisBroker(Broker):
             raise
 
     async def _read_messages(self, sub: AbstractConnection) -> None:
-        names = self._names
         loop = asyncio.get_running_loop()
         while True:
             message = await sub.read_response()
             self._heard = loop.time()
             kind = message[0]
             if kind == b"message":
-                channel = names.get(message[1])
-                if channel is None or self._deliver is None:
-                    continue  # unsubscribed meanwhile
-                data: bytes = message[2]
-                # <epoch>:<seq>:<payload>
-                first = data.index(b":")
-                second = data.index(b":", first + 1)
-                try:
-                    self._deliver(
-                        channel,
-                        data[:first].decode(),
-                        int(data[first + 1 : second]),
-                        data[second + 1 :],
-                    )
-                except Exception:
-                    log.exception("delivering a publication of %r failed", channel)
+                self._on_message(message[1], message[2])
             elif kind == b"subscribe":
                 waiting = self._confirming.get(message[1])
                 if waiting:
@@ -567,6 +563,20 @@ class RedisBroker(Broker):
                         del self._confirming[message[1]]
                     if not future.done():
                         future.set_result(None)
+
+    def _on_message(self, name: bytes, data: bytes) -> None:
+        """Hand a pub/sub message, ``<epoch>:<seq>:<payload>``, to the node."""
+        channel = self._names.get(name)
+        if channel is None or self._deliver is None:
+            return  # unsubscribed meanwhile
+        first = data.index(b":")
+        second = data.index(b":", first + 1)
+        try:
+            self._deliver(
+                channel, data[:first].decode(), int(data[first + 1 : second]), data[second + 1 :]
+            )
+        except Exception:
+            log.exception("delivering a publication of %r failed", channel)
 
     # presence
 
@@ -610,8 +620,14 @@ class RedisBroker(Broker):
                 args: list[Any] = [self._presence_ttl_ms]
                 for pair in clients.items():
                     args.extend(pair)
-                await self._presence_set(keys=[self._presence_key(channel)], args=args, client=pipe)
+                await self._presence_set(
+                    keys=[self._presence_key(channel)], args=args, client=self._in_refresh(pipe)
+                )
             await pipe.execute()
+
+    def _in_refresh(self, pipe: Any) -> Any:
+        """Where refresh runs a script: queued in its pipeline (a cluster runs it apart)."""
+        return pipe
 
     async def _refresh_forever(self) -> None:
         while True:
