@@ -1,4 +1,8 @@
-"""``fastws serve``: the standalone node; ``fastws options``: the options table."""
+"""The ``fastws`` command.
+
+``fastws serve`` runs a node, or with ``--workers`` a supervisor of several
+(fastws.workers); ``fastws options`` prints the options table.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from fastws import config as config_module
+from fastws import workers
 from fastws.app import App
 
 
@@ -15,6 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run a standalone node")
     config_module.add_arguments(serve)
+    serve.add_argument(workers.LINK_FLAG, dest="worker_link", type=int, help=argparse.SUPPRESS)
     commands.add_parser("options", help="print docs/configuration.md: every option")
     return parser
 
@@ -29,7 +35,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except config_module.ConfigError as exc:
         print(f"fastws: {exc}", file=sys.stderr)
         return 2
+    if config.workers > 1 and args.worker_link is None:
+        return workers.supervise(config)
     app = App(config)
     app.channels(config.path)
-    app.run()
+    if args.worker_link is None:
+        app.run()
+    else:
+        workers.serve_worker(app, args.worker_link)
     return 0

@@ -118,6 +118,9 @@ class Node:
             self.config.port,
             backlog=BACKLOG,
             reuse_address=True,
+            # One of several workers on this port (fastws.workers): the
+            # kernel spreads new connections over their sockets.
+            reuse_port=self.config.workers > 1,
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self.state = NodeState.SERVING
