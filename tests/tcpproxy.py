@@ -7,6 +7,7 @@
     proxy.cut()      # every current connection through it is aborted, both sides
     proxy.pause()    # current connections go silent, nothing is closed (half-open)
     proxy.resume()   # and carry on where they stopped
+    proxy.refusing = True  # new connections are aborted at once: the target is down
     await proxy.close()
 
 It runs in the test's event loop and forwards bytes as they come, both
@@ -34,6 +35,8 @@ class _Side(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        if self.pair.closed:  # aborted before the event loop handed it over
+            transport.abort()
 
     def data_received(self, data: bytes) -> None:
         self.pair.forward(self, data)
@@ -69,6 +72,9 @@ class _Pair:
             self.early += data
 
     async def open_upstream(self) -> None:
+        if self.proxy.refusing:
+            self.abort()
+            return
         loop = asyncio.get_running_loop()
         try:
             await loop.create_connection(
@@ -119,6 +125,7 @@ class TcpProxy:
         self.pairs: set[_Pair] = set()
         self.connections = 0  # accepted over the proxy's life
         self.cuts = 0  # connections aborted by cut()
+        self.refusing = False  # abort new connections as they come
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._paused: set[_Pair] = set()
