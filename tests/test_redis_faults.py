@@ -257,3 +257,39 @@ async def test_a_flushed_channel_is_noticed_while_connected(
                 while True:
                     await c.recv(10)
             assert closed.value.rcvd.code == 1012  # type: ignore[attr-defined]
+
+
+async def test_a_client_resubscribing_while_redis_is_down_waits_and_recovers(
+    redis_server: str,
+) -> None:
+    redis_port = int(redis_server.rsplit(":", 1)[1].split("/")[0])
+    to_redis = await TcpProxy.start(HOST, redis_port)
+    try:
+        async with nodes(f"redis://{HOST}:{to_redis.port}/0", redis_server) as (a, b):
+            to_a = await TcpProxy.start(HOST, a.port)
+            ch = unique("resub")
+            url = f"ws://{HOST}:{to_a.port}/ws"
+            try:
+                async with fastws.client.connect(url, min_delay=0.05, max_delay=0.2) as client:
+                    subscription = await client.subscribe(ch)
+                    for n in range(5):
+                        await b.app.publish(ch, n)
+                    to_redis.refusing = True
+                    to_redis.cut()  # A loses Redis...
+                    await until(lambda: _is(ready(a), 503))
+                    to_a.cut()  # ...and the client A: it comes back and resubscribes
+                    await until(lambda: _bool(client.connects == 2))
+                    for n in range(5, 10):
+                        await b.app.publish(ch, n)
+                    await asyncio.sleep(0.5)  # resubscriptions answered `unavailable`
+                    to_redis.refusing = False
+                    items = [await asyncio.wait_for(subscription.get(), 10) for _ in range(10)]
+                    assert [(i.seq, i.data) for i in items] == [(n + 1, n) for n in range(10)]
+            finally:
+                await to_a.close()
+    finally:
+        await to_redis.close()
+
+
+async def _bool(value: bool) -> bool:
+    return value

@@ -158,6 +158,9 @@ class Client:
         self._wake = asyncio.Event()  # set while ready, and once stopped
         self._subs: dict[str, Subscription] = {}
         self._sub_ids: dict[int, Subscription] = {}  # sub commands awaiting their reply
+        # Resubscriptions the node answered `unavailable` (its backplane is
+        # down), by channel: how many times in a row, for the retry's backoff.
+        self._sub_retries: dict[str, int] = {}
         self._calls: dict[int, _Call] = {}  # in the order they were made
         self._last_id = 0
         self._task: asyncio.Task[None] | None = None
@@ -371,11 +374,14 @@ class Client:
             failure = CommandError(str(error.get("code")), str(error.get("message")))
         sub = self._sub_ids.pop(id, None) if isinstance(id, int) else None
         if sub is not None:
-            if failure is not None:
+            if failure is not None and failure.code == "unavailable" and sub.position is not None:
+                self._retry_sub(sub)
+            elif failure is not None:
                 if self._subs.get(sub.channel) is sub:
                     del self._subs[sub.channel]
                 sub.end(failure)
             elif sub.active:
+                self._sub_retries.pop(sub.channel, None)
                 sub.subscribed(str(msg["epoch"]), int(msg["seq"]), msg.get("recovered") is True)
             return
         call = self._calls.pop(id, None) if isinstance(id, int) else None
@@ -387,6 +393,22 @@ class Client:
             call.future.set_exception(failure)
         else:
             call.future.set_result(msg)
+
+    def _retry_sub(self, sub: Subscription) -> None:
+        """Send a resubscription again later, on this connection: the node will recover.
+
+        Its backplane is down for now; the subscription keeps its position,
+        and the retries back off as reconnects do, so that the clients of a
+        node without Redis do not hammer it.
+        """
+        attempt = self._sub_retries.get(sub.channel, 0)
+        self._sub_retries[sub.channel] = attempt + 1
+        delay = backoff_delay(attempt + 1, self.min_delay, self.max_delay)
+        asyncio.get_running_loop().call_later(delay, self._resend_sub, sub, self._link)
+
+    def _resend_sub(self, sub: Subscription, link: _Link | None) -> None:
+        if link is self._link and self._ready and self._subs.get(sub.channel) is sub:
+            self._send_sub(sub)
 
     def _publication(self, link: _Link, msg: dict[str, Any]) -> None:
         sub = self._subs.get(msg["ch"])

@@ -362,6 +362,22 @@ export class Client {
     this.#command(message, { kind: "sub", sub });
   }
 
+  /**
+   * The node's backplane is down: resubscribe later, on this connection,
+   * keeping the position; retries back off as reconnects do.
+   */
+  #retrySub(sub) {
+    const { minDelay, maxDelay } = this.#options;
+    sub._retries += 1;
+    const ceiling = Math.min(maxDelay, minDelay * 2 ** Math.min(sub._retries, 30));
+    const ws = this.#ws;
+    setTimeout(() => {
+      if (this.#ws === ws && this.#isOpen() && this.#subs.get(sub.channel) === sub) {
+        this.#sendSub(sub);
+      }
+    }, Math.random() * ceiling);
+  }
+
   #sendPub(pub) {
     pub.sent = true;
     this.#command({ op: "pub", ch: pub.channel, data: pub.data }, { kind: "pub", pub });
@@ -409,11 +425,16 @@ export class Client {
     } else if (pending.kind === "sub") {
       const sub = pending.sub;
       if (this.#subs.get(sub.channel) !== sub) return; // unsubscribed meanwhile
+      if (error && error.code === "unavailable" && sub._position !== null) {
+        this.#retrySub(sub);
+        return;
+      }
       if (error) {
         this.#subs.delete(sub.channel);
         sub._end(error);
         return;
       }
+      sub._retries = 0;
       if (!message.recovered) {
         // Not recovered is news only when a position was asked for; the
         // first subscription simply starts at the channel's end.
@@ -467,6 +488,8 @@ export class Subscription {
   _position;
   /** whether the sub sent on this connection was answered */
   _active = false;
+  /** resubscriptions answered `unavailable` in a row */
+  _retries = 0;
   #channel;
   #onUnsubscribe;
   /** @type {(Publication | Reset)[]} */
