@@ -3,9 +3,10 @@
 picows parses each request on the port and asks :meth:`Node.route` what to
 do with it. WebSocket paths get a new connection object, unless a
 connection limit says no (503 node-wide, 429 per client address);
-``/healthz``, ``/readyz`` and ``/metrics`` get a plain HTTP response on the
-same port, so probes and scrapers need nothing else, and ``/fastws.js`` the
-browser client; anything else is 404.
+``/healthz``, ``/readyz``, ``/metrics`` and ``/info`` (this node and the
+live nodes of its deployment) get a plain HTTP response on the same port, so
+probes and scrapers need nothing else, and ``/fastws.js`` the browser
+client; anything else is 404.
 
 Stopping is a state, not a flag. A draining node keeps its port open, so
 probes still reach it, but answers 503 to upgrades and to ``/readyz``, and
@@ -17,14 +18,19 @@ instant.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import importlib.resources
 import logging
+import os
 import random
 import signal
+import socket
+import time
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from picows import (
     WSListener,
     WSUpgradeRequest,
@@ -34,6 +40,7 @@ from picows import (
 from picows.picows import WSAutoPingStrategy, WSProtocol  # type: ignore[attr-defined]
 
 from fastws import deflate, metrics
+from fastws.brokers.base import Unavailable
 from fastws.heartbeat import Heartbeat
 
 if TYPE_CHECKING:
@@ -108,6 +115,20 @@ class Node:
         # A logger-like adapter rather than a Logger: picows builds a child
         # Logger object per connection for a real Logger, about 0.5 KB each.
         self._picows_logger = logging.LoggerAdapter(logging.getLogger("picows.server"))
+        self._started = 0.0
+
+    def info(self) -> dict[str, Any]:
+        """What the node registry says of this node (``/info``, the broker's registry)."""
+        host = self.config.host
+        if host in ("", "0.0.0.0", "::"):
+            host = socket.gethostname()
+        return {
+            "address": f"{host}:{self.port}",
+            "state": self.state.value,
+            "connections": len(self.app.connections),
+            "started": self._started,
+            "pid": os.getpid(),
+        }
 
     async def start(self) -> None:
         await self.app.broker.start()
@@ -124,6 +145,8 @@ class Node:
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self.state = NodeState.SERVING
+        self._started = time.time()
+        await self.app.broker.register(self.app.node_name, self.info)
         self._heartbeat.start()
         logger.info(
             "fastws node %s listening on %s:%d (WebSocket paths: %s)",
@@ -198,7 +221,18 @@ class Node:
             return _plain(200, metrics.exposition(self._registry), metrics.CONTENT_TYPE)
         if path == "/fastws.js":
             return _browser_client()
+        if path == "/info":
+            # Answered from the registry as last read (the broker reads it
+            # every few seconds), and read again now for the next request.
+            self.app.start(self._read_nodes())
+            nodes = {**self.app.broker.known_nodes, self.app.node_name: self.info()}
+            body = orjson.dumps({"node": self.app.node_name, "nodes": nodes})
+            return _plain(200, body, "application/json")
         return None
+
+    async def _read_nodes(self) -> None:
+        with contextlib.suppress(Unavailable):
+            await self.app.broker.nodes()
 
     def _refusal(self, remote_ip: str) -> WSUpgradeResponseWithListener | None:
         config, refused = self.config, self.app.stats.refused

@@ -54,6 +54,7 @@ class Broker(ABC):
     def __init__(self) -> None:
         self._deliver: Deliver | None = None
         self._resync: Callable[[], None] | None = None
+        self._node: tuple[str, Callable[[], dict[str, Any]]] | None = None
 
     def attach(self, deliver: Deliver, resync: Callable[[], None] | None = None) -> None:
         """Set where this node's publications go; called once by the App.
@@ -70,6 +71,27 @@ class Broker(ABC):
 
     async def stop(self) -> None:  # noqa: B027
         """Disconnect; called after the last client has gone."""
+
+    async def register(self, node: str, info: Callable[[], dict[str, Any]]) -> None:
+        """Enter this node in the deployment's registry, as ``info()`` describes it.
+
+        A broker shared by nodes keeps the entry fresh (calling ``info``
+        again each time) until :meth:`stop`, and forgets it soon after a
+        node dies. A single-node broker knows only this node.
+        """
+        self._node = (node, info)
+
+    async def nodes(self) -> dict[str, dict[str, Any]]:
+        """Every live node of the deployment: its id to its latest info."""
+        return self.known_nodes
+
+    @property
+    def known_nodes(self) -> dict[str, dict[str, Any]]:
+        """The live nodes as last read, without waiting (for ``/info``)."""
+        if self._node is None:
+            return {}
+        node, info = self._node
+        return {node: info()}
 
     # Whether calls may wait on the network, in a client that needs a task
     # to run in (asyncio.timeout); the node then runs broker calls in tasks.

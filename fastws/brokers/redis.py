@@ -7,6 +7,7 @@ What is stored where, for a channel ``C`` (prefix ``fastws``)::
     fastws:{C}:stream    stream  its kept publications, entry id ``0-<seq>``,
                                  fields ``t`` (Redis time in ms) and ``p`` (the payload)
     fastws:{C}:presence  hash    client id -> ``<expiry ms>:<info JSON>``
+    fastws:nodes         hash    node id -> ``<expiry ms>:<info JSON>``: the live nodes
     fastws:{C}           pub/sub ``<epoch>:<seq>:<payload>``; ``:0:<payload>`` for join and leave
 
 The braces are a Redis Cluster hash tag: all of a channel's keys live in one
@@ -269,12 +270,16 @@ class RedisBroker(Broker):
         self._confirming: dict[bytes, deque[asyncio.Future[None]]] = {}
         # this node's clients' presence: channel -> client -> info JSON
         self._present: dict[str, dict[str, bytes]] = {}
+        self._nodes: dict[str, dict[str, Any]] = {}  # the registry as last read
 
     # keys
 
     def _keys(self, channel: str) -> list[str]:
         base = f"{self._prefix}:{{{channel}}}"
         return [base + ":seq", base + ":epoch", base + ":stream"]
+
+    def _nodes_key(self) -> str:
+        return f"{self._prefix}:nodes"
 
     def _presence_key(self, channel: str) -> str:
         return f"{self._prefix}:{{{channel}}}:presence"
@@ -325,13 +330,16 @@ class RedisBroker(Broker):
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._reader = self._refresher = None
-        if self._redis is not None and self._present and self._healthy:
+        if self._redis is not None and (self._present or self._node) and self._healthy:
             with contextlib.suppress(aioredis.RedisError, OSError, TimeoutError):
                 async with asyncio.timeout(1.0), self._redis.pipeline(transaction=False) as p:
                     for channel, clients in self._present.items():
                         p.hdel(self._presence_key(channel), *clients)
+                    if self._node is not None:
+                        p.hdel(self._nodes_key(), self._node[0])
                     await p.execute()
         self._present.clear()
+        self._node = None
         await self._close()
 
     async def _close(self) -> None:
@@ -608,10 +616,34 @@ class RedisBroker(Broker):
 
     # upkeep
 
+    async def register(self, node: str, info: Callable[[], dict[str, Any]]) -> None:
+        await super().register(node, info)
+        await self.refresh()
+
+    async def nodes(self) -> dict[str, dict[str, Any]]:
+        with self._reaching():
+            reply = await self._presence_get(keys=[self._nodes_key()], client=self._client())
+        self._nodes = {
+            reply[i].decode(): orjson.loads(reply[i + 1]) for i in range(0, len(reply), 2)
+        }
+        return self._nodes
+
+    @property
+    def known_nodes(self) -> dict[str, dict[str, Any]]:
+        return {**self._nodes, **super().known_nodes}
+
     async def refresh(self) -> None:
-        """Extend the keys of the channels this node listens to and its clients' presence."""
+        """Extend the keys of the channels this node listens to, its clients' presence
+        and its registry entry; then read the registry."""
         client = self._client()
         async with client.pipeline(transaction=False) as pipe:
+            if self._node is not None:
+                node, info = self._node
+                await self._presence_set(
+                    keys=[self._nodes_key()],
+                    args=[self._presence_ttl_ms, node, orjson.dumps(info())],
+                    client=self._in_refresh(pipe),
+                )
             for channel in list(self._names.values()):
                 lifetime = self._lifetime_ms(self._options(channel))
                 for key in self._keys(channel):
@@ -624,6 +656,8 @@ class RedisBroker(Broker):
                     keys=[self._presence_key(channel)], args=args, client=self._in_refresh(pipe)
                 )
             await pipe.execute()
+        if self._node is not None:
+            await self.nodes()
 
     def _in_refresh(self, pipe: Any) -> Any:
         """Where refresh runs a script: queued in its pipeline (a cluster runs it apart)."""
