@@ -46,6 +46,7 @@ class Config:
     join_leave: bool = False
     namespaces: dict[str, dict[str, Any]] = field(default_factory=dict)
     redis: str = ""
+    redis_cluster: str = ""
     compression: bool = False
     compression_min_size: int = 256
     compression_level: int = 6
@@ -98,6 +99,10 @@ HELP = {
     "history and presence, e.g. `redis://127.0.0.1:6379/0` (`rediss://` for TLS, "
     "`redis://:password@host`); needs the `redis` extra. Empty: the embedded in-memory "
     "broker, for a single node.",
+    "redis_cluster": "URL of one node of a Redis Cluster to use instead of a single Redis, "
+    "e.g. `redis://10.0.0.1:7000`; the others are found from it. Channels spread over "
+    "the shards by hash slot and travel by sharded pub/sub (docs/redis.md). Not "
+    "together with `redis`.",
     "compression": "Offer permessage-deflate (RFC 7692) to clients that ask for it.",
     "compression_min_size": "Messages smaller than this many bytes are sent uncompressed.",
     "compression_level": "zlib level, 1 (fastest) to 9 (smallest); a publication is "
@@ -246,11 +251,16 @@ def _check(config: Config) -> None:
             raise ConfigError(f"{name}: must not be negative")
     if config.workers > 1 and config.port == 0:
         raise ConfigError("workers: processes sharing a port need a fixed port, not 0")
-    if config.workers > 1 and not config.redis:
+    if config.redis and config.redis_cluster:
         raise ConfigError(
-            f"workers: {config.workers} processes need redis set, to carry publications "
-            "between them; without it each would be a node of its own whose clients "
-            "never see the others' publications"
+            "redis and redis_cluster are both set; a node uses one backplane: set "
+            "redis for a single Redis, redis_cluster for a Redis Cluster"
+        )
+    if config.workers > 1 and not (config.redis or config.redis_cluster):
+        raise ConfigError(
+            f"workers: {config.workers} processes need redis (or redis_cluster) set, to "
+            "carry publications between them; without it each would be a node of its own "
+            "whose clients never see the others' publications"
         )
 
 

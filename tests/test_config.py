@@ -102,3 +102,15 @@ def test_values_that_parse_but_cannot_work_are_refused_at_load(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         config.load(flags, {})
+
+
+def test_redis_cluster_is_one_option_and_excludes_redis(tmp_path: Path) -> None:
+    seed = "redis://10.0.0.1:7000"
+    assert config.load({"redis_cluster": seed}, {}).redis_cluster == seed
+    assert config.load({}, {"FASTWS_REDIS_CLUSTER": seed}).redis_cluster == seed
+    toml = write_toml(tmp_path, f'redis_cluster = "{seed}"\n')
+    assert config.load({}, {}, toml).redis_cluster == seed
+    # Two backplanes at once cannot work; say so rather than pick one.
+    with pytest.raises(ConfigError, match="redis and redis_cluster are both set"):
+        config.load({"redis": "redis://127.0.0.1:6379/0"}, {"FASTWS_REDIS_CLUSTER": seed})
+    assert config.load({"workers": "2", "port": "8080", "redis_cluster": seed}, {}).workers == 2

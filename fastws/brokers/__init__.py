@@ -15,13 +15,18 @@ __all__ = ["Broker", "MemoryBroker", "make_broker"]
 
 
 def make_broker(config: Config, options: Namespaces) -> Broker:
-    """The broker the config asks for: Redis when ``redis`` is set, else the memory one.
+    """The broker the config asks for: Redis when ``redis`` is set, Redis Cluster
+    when ``redis_cluster`` is, else the memory one.
 
-    The Redis broker is imported only then, so that fastws runs without the
+    The Redis brokers are imported only then, so that fastws runs without the
     ``redis`` extra installed.
     """
     if config.redis:
         from fastws.brokers.redis import RedisBroker
 
         return RedisBroker(config.redis, options, options.shortest_ttl())
+    if config.redis_cluster:
+        from fastws.brokers.cluster import ClusterBroker
+
+        return ClusterBroker(config.redis_cluster, options, options.shortest_ttl())
     return MemoryBroker(options, options.shortest_ttl())
