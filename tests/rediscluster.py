@@ -13,13 +13,15 @@ rather than the default port + 10000, which may be taken or past 65535.
 :meth:`Cluster.move_slot` reshards a slot by hand (IMPORTING / MIGRATING,
 ``MIGRATE`` of its keys, ``SETSLOT NODE`` on every master), as
 ``redis-cli --cluster reshard`` does, so a test can move a channel under a
-running node.
+running node; :meth:`Cluster.kill` and :meth:`Cluster.restart` crash a
+master and bring it back empty.
 """
 
 from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Iterator
@@ -182,6 +184,22 @@ class Cluster:
             if port not in (from_port, to_port):
                 with self.client(port) as r:
                     r.execute_command("CLUSTER SETSLOT", slot, "NODE", target)
+        self.wait_agreed()
+
+    def kill(self, port: int) -> None:
+        """SIGKILL one master: a crash. Its keys are gone (nothing on disk)."""
+        server = self.servers[self.ports.index(port)]
+        server.send_signal(signal.SIGKILL)
+        server.proc.wait(5)
+        server.cleanup_files()
+
+    def restart(self, port: int) -> None:
+        """Start a killed master again: same port, same node id and slots (its
+        cluster config file is kept), no keys. Waits until the cluster is ok."""
+        i = self.ports.index(port)
+        old = self.servers[i]
+        self.servers[i] = NodeProcess(old.argv, port, clean_env(), old.name)
+        self.servers[i].wait_ready(lambda: self._answers(port))
         self.wait_agreed()
 
     def stop(self) -> None:

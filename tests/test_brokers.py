@@ -1,8 +1,10 @@
 """One suite for every broker: the Broker API driven directly, in this process.
 
-Each test runs against the memory broker and against the Redis broker on a
-real redis-server (the ``redis_server`` fixture; flushed before each test).
-The Redis-only tests at the end run two brokers on one Redis, as two nodes.
+Each test runs against the memory broker, the Redis broker on a real
+redis-server (the ``redis_server`` fixture) and the Redis Cluster broker on
+a real three-master cluster (``redis_cluster``), each flushed before the
+test. The Redis-only tests at the end run two brokers on one Redis, or one
+cluster, as two nodes.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from fastws.brokers import Broker, MemoryBroker, make_broker
+from fastws.brokers.cluster import ClusterBroker
 from fastws.brokers.redis import MIN_LIFETIME, RedisBroker
 from fastws.config import Config
 from fastws.namespaces import ChannelOptions, Namespaces
@@ -57,22 +60,29 @@ class Node:
 MakeNode = Callable[[], Awaitable[Node]]
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def make_node(request: pytest.FixtureRequest) -> AsyncIterator[MakeNode]:
-    """Start nodes of one kind; all stopped at teardown. Memory nodes share nothing."""
-    url = ""
-    if request.param == "redis":
+async def backplane(request: pytest.FixtureRequest, kind: str) -> Callable[..., Broker]:
+    """Brokers of one kind (keyword arguments go to a Redis one), its data flushed."""
+    if kind == "memory":
+        return lambda: MemoryBroker(options, SHORTEST_TTL)
+    if kind == "redis":
         url = request.getfixturevalue("redis_server")
         async with aioredis.from_url(url) as r:
             await r.flushall()
+        return lambda **kw: RedisBroker(url, options, SHORTEST_TTL, **kw)
+    url = request.getfixturevalue("redis_cluster")
+    async with aioredis.RedisCluster.from_url(url) as cluster:
+        await cluster.flushall()  # on every master
+    return lambda **kw: ClusterBroker(url, options, SHORTEST_TTL, **kw)
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
+async def make_node(request: pytest.FixtureRequest) -> AsyncIterator[MakeNode]:
+    """Start nodes of one kind; all stopped at teardown. Memory nodes share nothing."""
+    new_broker = await backplane(request, request.param)
     nodes: list[Node] = []
 
     async def make() -> Node:
-        broker: Broker
-        if url:
-            broker = RedisBroker(url, options, SHORTEST_TTL)
-        else:
-            broker = MemoryBroker(options, SHORTEST_TTL)
+        broker = new_broker()
         node = Node(broker)
         await broker.start()
         nodes.append(node)
@@ -258,18 +268,14 @@ async def test_a_publication_that_cannot_be_encoded_takes_no_seq(node: Node) -> 
 
 
 # --------------------------------------------------------------------------
-# Redis only: two nodes on one Redis
+# Redis only: two nodes on one Redis, or on one Redis Cluster
 # --------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def two_nodes(redis_server: str) -> AsyncIterator[tuple[Node, Node]]:
-    async with aioredis.from_url(redis_server) as r:
-        await r.flushall()
-    nodes = (
-        Node(RedisBroker(redis_server, options, SHORTEST_TTL)),
-        Node(RedisBroker(redis_server, options, SHORTEST_TTL)),
-    )
+@pytest.fixture(params=["redis", "cluster"])
+async def two_nodes(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Node, Node]]:
+    new_broker = await backplane(request, request.param)
+    nodes = (Node(new_broker()), Node(new_broker()))
     for n in nodes:
         await n.broker.start()
     yield nodes
@@ -324,11 +330,13 @@ async def test_join_leave_and_presence_reach_every_node(two_nodes: tuple[Node, N
     assert await a.broker.presence("room") == {"c1": {"user": "ann"}}
 
 
-async def test_presence_of_a_node_that_stopped_refreshing_expires(redis_server: str) -> None:
-    async with aioredis.from_url(redis_server) as r:
-        await r.flushall()
-    a = RedisBroker(redis_server, options, presence_ttl=0.3)
-    b = RedisBroker(redis_server, options)
+@pytest.mark.parametrize("kind", ["redis", "cluster"])
+async def test_presence_of_a_node_that_stopped_refreshing_expires(
+    request: pytest.FixtureRequest, kind: str
+) -> None:
+    new_broker = await backplane(request, kind)
+    a, b = new_broker(presence_ttl=0.3), new_broker()
+    assert isinstance(a, RedisBroker)
     await a.start()
     await b.start()
     try:
@@ -373,6 +381,10 @@ def test_make_broker_picks_by_the_redis_option(redis_server: str) -> None:
     remote = Config(redis=redis_server)
     broker = make_broker(remote, Namespaces(remote))
     assert isinstance(broker, RedisBroker) and broker.url == redis_server
+    assert not isinstance(broker, ClusterBroker)
+    sharded = Config(redis_cluster="redis://127.0.0.1:7000")
+    broker = make_broker(sharded, Namespaces(sharded))
+    assert isinstance(broker, ClusterBroker) and broker.url == sharded.redis_cluster
 
 
 def test_fastws_runs_without_the_redis_package() -> None:
