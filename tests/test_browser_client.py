@@ -340,3 +340,46 @@ async def test_duplicates_are_dropped_and_a_gap_is_refilled(page: Page, node: No
         )
         assert [sub.get("since") for sub in subs] == [None, {"epoch": "E", "seq": 3}]
         assert any("jumped from seq 3 to 5" in line for line in page.console)
+
+
+async def test_a_resubscription_meeting_a_node_without_redis_is_retried(
+    page: Page, redis_server: str
+) -> None:
+    from fastws import App
+    from fastws.config import Config
+
+    redis_port = int(redis_server.rsplit(":", 1)[1].split("/")[0])
+    to_redis = await TcpProxy.start(HOST, redis_port)
+    nodes = []
+    for url in (f"redis://{HOST}:{to_redis.port}/0", redis_server):
+        app = App(Config(redis=url, log_level="warning"))
+        app.channels("/ws")
+        nodes.append(await app.serve(host=HOST, port=0))
+    a, b = nodes
+    to_a = await TcpProxy.start(HOST, a.port)
+    try:
+        ch = unique("browser-unavailable")
+        await load(page, a.port)
+        await start(page, f"ws://{HOST}:{to_a.port}/ws", ch)
+        await page.wait_for("run.sub.position !== null")
+        await b.app.publish(ch, 1)
+        await page.wait_for("run.seen.length >= 1")
+        to_redis.refusing = True
+        to_redis.cut()  # node A loses Redis...
+        async with asyncio.timeout(10):
+            while a.app.broker.ready:
+                await asyncio.sleep(0.05)
+        to_a.cut()  # ...and the page A: it reconnects and resubscribes, in vain for now
+        await page.wait_for("run.states.filter((s) => s === 'open').length >= 2")
+        await b.app.publish(ch, 2)
+        await b.app.publish(ch, 3)
+        await asyncio.sleep(0.5)
+        to_redis.refusing = False
+        seen = await page.wait_for("run.seen.length >= 3 && run.seen", timeout=15)
+        assert seen == [{"seq": n, "data": n} for n in (1, 2, 3)]
+        assert await page.evaluate("run.ended") is None
+    finally:
+        await to_a.close()
+        for node in nodes:
+            await node.stop()
+        await to_redis.close()
