@@ -118,16 +118,12 @@ class _Shard:
     def __init__(self, broker: ClusterBroker, node: ClusterNode) -> None:
         self.broker = broker
         self.name = node.name
-        # RESP2, where a message is a plain reply, waiting as long as it takes;
-        # without redis-py's maintenance notifications, which need RESP3.
+        # RESP2, where a message is a plain reply, waiting as long as it takes.
         options = dict(node.connection_kwargs)
-        options.pop("oss_cluster_maint_notifications_handler", None)
-        options.update(
-            protocol=2,
-            socket_timeout=None,
-            socket_connect_timeout=COMMAND_TIMEOUT,
-            maint_notifications_config=None,
-        )
+        options.update(protocol=2, socket_timeout=None, socket_connect_timeout=COMMAND_TIMEOUT)
+        if "maint_notifications_config" in options:  # redis-py 7+; they need RESP3
+            options["maint_notifications_config"] = None
+            options.pop("oss_cluster_maint_notifications_handler", None)
         self.conn = node.connection_class(**options)
         self.names: set[bytes] = set()  # channels this node listens to here
         self.subscribed: set[bytes] = set()  # what Redis said it subscribed, in its order
