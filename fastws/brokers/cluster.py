@@ -173,7 +173,12 @@ class _Shard:
         try:
             await self._read()
         except Exception as exc:
-            log.error("lost the sharded pub/sub connection to %s: %r", self.name, exc)
+            log.error(
+                "lost the sharded pub/sub connection to %s: %s: %s",
+                self.name,
+                type(exc).__name__,
+                exc,
+            )
             self.alive = False
             self._fail(exc)
             await self.conn.disconnect()
@@ -347,8 +352,8 @@ class ClusterBroker(RedisBroker):
                 shard = await self._shard(node)
                 shard.names.add(name)
                 problem = await shard.send("SSUBSCRIBE", name)
-            except (Unavailable, errors.SlotNotCoveredError) as exc:
-                problem = exc
+            except (errors.SlotNotCoveredError, aioredis.ConnectionError, OSError) as exc:
+                problem = exc  # OSError: Unavailable too
             if problem is None:
                 self._home[name] = shard
                 if name not in self._names:  # unsubscribed meanwhile
