@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import _proc, _report
-from benchmarks._servers import ROOT, BenchError, run_load, running_server, spec_for
+from benchmarks._servers import CLUSTER, ROOT, BenchError, run_load, running
 from benchmarks.scenarios import ALL, BY_NAME, SCENARIOS, Scenario, load_flags
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -53,6 +53,13 @@ def parse_args() -> argparse.Namespace:
         metavar="S",
         help="wait up to S seconds for other load on the machine to stop before starting",
     )
+    p.add_argument(
+        "--subscribers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="N subscribers in every scenario that has them instead of its own (quick checks)",
+    )
     p.add_argument("--output", type=Path, default=RESULTS, help="where results go")
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
     args = p.parse_args()
@@ -66,10 +73,11 @@ def parse_args() -> argparse.Namespace:
 
 
 def list_scenarios() -> None:
+    width = max(len(s.name) for s in SCENARIOS)
     for s in SCENARIOS:
-        print(f"{s.name:14} {s.title}")
+        print(f"{s.name:{width}} {s.title}")
         for t in s.targets:
-            print(f"{'':14}   target: {t.text}")
+            print(f"{'':{width}}   target: {t.text}")
 
 
 def servers_of(scenario: Scenario, wanted: list[str]) -> list[str]:
@@ -85,13 +93,14 @@ def run_once(
     cpus: tuple[int | None, int | None],
 ) -> dict[str, Any]:
     """One run on a fresh server: the generator's figures, or the error that stopped it."""
-    spec = spec_for(server, scenario.echo)
     log_path = args.output / "logs" / f"{scenario.name}-{server}-{rep}.log"
     flags = {**load_flags(scenario, server), "duration": args.duration, "warmup": args.warmup}
+    if args.subscribers is not None and "subscribers" in flags:
+        flags["subscribers"] = args.subscribers
     argv = [f"--{k}" if v is True else f"--{k}={v}" for k, v in flags.items() if v is not False]
     run: dict[str, Any] = {"error": None, "server_log": [], "exit_note": ""}
     try:
-        with running_server(spec, cpus[0], log_path) as srv:
+        with running(server, scenario.echo, cpus[0], log_path) as srv:
             run["figures"] = run_load(scenario.mode, srv, cpus[1], argv, scenario.timeout)
         run["exit_note"] = srv.exit_note
         run["server_log"] = srv.log_lines()[:20]
@@ -156,6 +165,19 @@ def findings(scenario: Scenario, server: str, runs: list[dict[str, Any]]) -> lis
         if f.get("server_error_replies"):
             notes.append(f"{tag}: server error replies: {f['server_error_replies'][:3]}")
     return notes
+
+
+def sharing_note(cpus: tuple[int | None, int | None]) -> str:
+    """What shares a core in the cross-node runs: the reader must know to trust them."""
+    if cpus[0] is None:
+        return f"{CLUSTER}: fewer than 2 CPUs, so nothing was pinned; figures are rough"
+    return (
+        f"{CLUSTER}: node A, node B and redis-server are all pinned to CPU {cpus[0]}, the "
+        f"core that the single memory node has to itself, so both get one core of server "
+        f"work; the load generator is alone on CPU {cpus[1]}. CPU is read per process from "
+        "/proc (nodes in µs/op, Redis apart); a publication goes A -> Redis -> B through "
+        "context switches on that one core, which its latency includes"
+    )
 
 
 def machine(available: list[int], cpus: tuple[int | None, int | None]) -> dict[str, Any]:
@@ -251,9 +273,14 @@ def main() -> int:
             else:
                 progress(f"  {summary_line(server, run['figures'])}")
             runs.append(run)
-        entry = results.setdefault(scenario.name, {"title": scenario.title, "servers": {}})
+        entry = results.setdefault(
+            scenario.name, {"title": scenario.title, "keys": list(scenario.keys), "servers": {}}
+        )
         entry["servers"][server] = {"median": median(runs), "runs": runs}
-        entry.setdefault("notes", []).extend(findings(scenario, server, runs))
+        notes = entry.setdefault("notes", [])
+        if server == CLUSTER:
+            notes.append(sharing_note(cpus))
+        notes.extend(findings(scenario, server, runs))
 
     for scenario in scenarios:
         entry = results[scenario.name]

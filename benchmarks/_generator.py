@@ -5,6 +5,10 @@ its mode, or {"error": ...}. The modes live in _load.py (subscriber loads)
 and _load_request.py (request-reply loads).
 
 Run: python -m benchmarks._generator fanout --url ws://127.0.0.1:P/ws --server-pid PID
+
+Against two nodes sharing a Redis (fanout and latency): --url is node A,
+where the publisher connects, --peer-url node B, --server-pid is given for
+both and --redis-pid for the Redis, whose CPU is reported apart.
 """
 
 from __future__ import annotations
@@ -25,7 +29,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="fastws benchmark load generator")
     parser.add_argument("mode", choices=sorted(MODES))
     parser.add_argument("--url", required=True)
-    parser.add_argument("--server-pid", type=int, required=True)
+    parser.add_argument(
+        "--server-pid",
+        type=int,
+        action="append",
+        required=True,
+        dest="server_pids",
+        help="a node's pid; repeated for a server of several nodes (their CPU is summed)",
+    )
+    parser.add_argument(
+        "--peer-url", default=None, help="a second node: half the subscribers connect there"
+    )
+    parser.add_argument(
+        "--redis-pid", type=int, default=None, help="a Redis the nodes share: its CPU apart"
+    )
     parser.add_argument("--dialect", choices=sorted(DIALECTS), default="fastws")
     parser.add_argument("--channel", default=None)
     parser.add_argument("--duration", type=float, default=5.0)
@@ -34,6 +51,7 @@ def main() -> None:
     _load_request.add_arguments(parser)
     args = parser.parse_args()
     args.dialect = DIALECTS[args.dialect]
+    args.server_pid = args.server_pids[0]
     args.channel = args.channel or args.mode
     _proc.raise_nofile_limit()
     try:

@@ -16,6 +16,13 @@ latency N subscribers and a publisher sending at a steady rate, each
         publication carrying its send time; reports the distribution of
         publish-to-deliver times seen by every 10th subscriber.
 
+Against two nodes sharing a Redis (--peer-url), fanout and latency spread
+their subscribers evenly over both nodes and publish on the first (node A):
+the fanout's sentinel is on node B, so the window counts publications that
+crossed Redis, and the latency's headline percentiles are those of node B's
+subscribers (node A's are reported too). Each node's CPU and Redis's are
+reported apart; the server's is the nodes' sum.
+
 --deflate makes every subscriber offer permessage-deflate (the publisher
 does not). picows does not inflate, but hands frames with RSV1 set over as
 they are, which is all a counting subscriber needs; the sentinel inflates
@@ -189,6 +196,7 @@ class Sentinel(Subscriber):
         self.compressed = 0  # frames with RSV1 set
         self.wire_bytes = 0  # frame headers and payloads, as received
         self.message_bytes = 0  # the messages, inflated
+        self.reads = 0  # reads that brought publications (picows marks each one's last frame)
         self.on_delivery: Callable[[], None] = lambda: None
 
     def on_ws_frame(self, transport: WSTransport, frame: Any) -> None:
@@ -196,6 +204,7 @@ class Sentinel(Subscriber):
             super().on_ws_frame(transport, frame)
             return
         self.count += 1
+        self.reads += frame.last_in_buffer
         self.compressed += frame.rsv1
         self.wire_bytes += wire_size(frame.payload_size)
         message = payload_of(frame)
@@ -208,7 +217,13 @@ class Sentinel(Subscriber):
 
 
 class Publisher(Client):
-    """Sends pubs without id (no reply), keeping `window` outstanding against the sentinel."""
+    """Sends pubs without id (no reply), keeping `window` outstanding against the sentinel.
+
+    With more connections to publish on (`outlets`, --publishers) it sends on
+    each in turn: a node runs one connection's commands in order, so through
+    a broker that waits (Redis) one connection has one publication under way
+    at a time, and several have several.
+    """
 
     def __init__(
         self, dialect: Dialect, frames: list[bytes], window: int, sentinel: Sentinel
@@ -219,14 +234,15 @@ class Publisher(Client):
         self.sentinel = sentinel
         self.sent = 0
         self.running = False
+        self.outlets: list[WSTransport] = []  # every connection published on, this one first
         sentinel.on_delivery = self.top_up
 
     def top_up(self) -> None:
         if not self.running or self.transport is None:
             return
-        frames = self.frames
+        frames, outlets = self.frames, self.outlets or [self.transport]
         for _ in range(self.window - (self.sent - self.sentinel.count)):
-            self.transport.send(TEXT, frames[self.sent % len(frames)])
+            outlets[self.sent % len(outlets)].send(TEXT, frames[self.sent % len(frames)])
             self.sent += 1
 
     def on_message(self, transport: WSTransport, payload: bytes) -> None:
@@ -269,8 +285,9 @@ async def open_many(
     make: Callable[[], L],
     what: str,
     headers: dict[str, str] | None = None,
+    url: str | None = None,
 ) -> list[L]:
-    """n ready connections, opened a bounded number at a time."""
+    """n ready connections (to `url`, by default --url), opened a bounded number at a time."""
     sem = asyncio.Semaphore(CONNECT_CONCURRENCY)
     done = 0
     step = max(1000, n // 5)
@@ -279,7 +296,7 @@ async def open_many(
     async def one() -> L:
         nonlocal done
         async with sem:
-            client = await connect(args.url, make, headers=headers)
+            client = await connect(url or args.url, make, headers=headers)
         done += 1
         if done % step == 0 and done < n:
             progress(f"{what}: {done}/{n} connected")
@@ -310,13 +327,37 @@ async def settled_rss(pids: list[int], timeout: float = 4.0) -> int:
     return samples[-1]
 
 
+class Watched:
+    """The processes whose CPU a run counts.
+
+    `server` is every node's process tree: their CPU summed is the server's.
+    `parts` are reported apart: each node's tree when there are several
+    (`node_a`, `node_b`), and the Redis they share (`redis`), which is not
+    part of the server.
+    """
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        trees = [_proc.process_tree(pid) for pid in args.server_pids]
+        self.server = [pid for tree in trees for pid in tree]
+        self.parts: dict[str, list[int]] = {}
+        if len(trees) > 1:
+            self.parts = {f"node_{chr(ord('a') + i)}": tree for i, tree in enumerate(trees)}
+        self.helpers: tuple[str, ...] = ()  # parts outside the server
+        if getattr(args, "redis_pid", None) is not None:
+            self.parts["redis"] = _proc.process_tree(args.redis_pid)
+            self.helpers = ("redis",)
+
+
 class Sample:
     """The clock and every CPU counter, read at one instant of the measurement window."""
 
-    def __init__(self, pids: list[int], count: int) -> None:
+    def __init__(self, watched: Watched, count: int) -> None:
         self.t = time.perf_counter()
         self.count = count  # operations done so far: deliveries, echoes, handshakes
-        self.server_cpu = _proc.cpu_seconds(pids)
+        self.server_cpu = _proc.cpu_seconds(watched.server)
+        self.parts = {name: _proc.cpu_seconds(pids) for name, pids in watched.parts.items()}
+        self.helpers = watched.helpers
+        self.processes = len(watched.server)
         self.self_cpu = _proc.self_cpu_seconds()
         self.cpus = _proc.cpu_stats()
 
@@ -341,6 +382,8 @@ def window_figures(a: Sample, b: Sample, server_pid: int) -> dict[str, Any]:
     server_core_s = busy(server_core)
     own_core_s = busy(own_core)
     machine_task = b.cpus["cpu"].task - a.cpus["cpu"].task
+    parts = {name: b.parts[name] - a.parts[name] for name in a.parts}
+    helpers_cpu = sum(parts[name] for name in a.helpers)
     return {
         "elapsed_s": elapsed,
         "ops": ops,
@@ -357,9 +400,13 @@ def window_figures(a: Sample, b: Sample, server_pid: int) -> dict[str, Any]:
         "generator_cpu_share": gen_cpu / elapsed,
         "generator_core": own_core,
         "generator_core_busy": own_core_s / elapsed if own_core_s is not None else None,
-        # Process time on the machine that was neither the server nor us: other jobs, steal.
-        "other_cpu_share": max(0.0, machine_task - server_cpu - gen_cpu) / elapsed,
-        "server_processes": len(_proc.process_tree(server_pid)),
+        # Process time on the machine that was neither the server (nor a Redis
+        # it relies on) nor us: other jobs, steal.
+        "other_cpu_share": max(0.0, machine_task - server_cpu - helpers_cpu - gen_cpu) / elapsed,
+        "server_processes": b.processes,
+        # Each node of several, and a shared Redis: `redis_us_per_op`, `node_b_cpu_share`...
+        **{f"{name}_cpu_share": cpu / elapsed for name, cpu in parts.items()},
+        **{f"{name}_us_per_op": cpu * 1e6 / ops if ops else None for name, cpu in parts.items()},
     }
 
 
@@ -415,18 +462,42 @@ def pub_frames(args: argparse.Namespace) -> list[bytes]:
     return [args.dialect.pub(args.channel, d) for d in datas]
 
 
+def nodes_of(args: argparse.Namespace) -> list[tuple[str, str, int]]:
+    """(label, url, subscribers) per node: all on --url, or spread evenly with --peer-url."""
+    if args.peer_url is None:
+        return [("", args.url, args.subscribers)]
+    half = args.subscribers // 2
+    return [("node A", args.url, half), ("node B", args.peer_url, args.subscribers - half)]
+
+
 async def run_fanout(args: argparse.Namespace) -> dict[str, Any]:
-    pids = _proc.process_tree(args.server_pid)
+    watched = Watched(args)
     frames = pub_frames(args)
     headers = DEFLATE_OFFER if args.deflate else None
     dialect, channel = args.dialect, args.channel
-    subs: list[Subscriber] = await open_many(
-        args, args.subscribers - 1, lambda: Subscriber(dialect, channel), "fanout", headers
-    )
-    # The sentinel subscribes last, so it is likely the last in the server's fanout order.
-    sentinel = await connect(args.url, lambda: Sentinel(dialect, channel), headers=headers)
+    nodes = nodes_of(args)
+    subs: list[Subscriber] = []
+    for i, (label, url, n) in enumerate(nodes):
+        last = i == len(nodes) - 1  # the sentinel's node: one fewer plain subscriber
+        what = f"fanout {label}".rstrip()
+        subs += await open_many(
+            args, n - last, lambda: Subscriber(dialect, channel), what, headers, url=url
+        )
+    # The sentinel subscribes last (on the last node), so it is likely the last
+    # in the server's fanout order.
+    sentinel = await connect(nodes[-1][1], lambda: Sentinel(dialect, channel), headers=headers)
     subs.append(sentinel)
     publisher = await connect(args.url, lambda: Publisher(dialect, frames, args.window, sentinel))
+    # More connections for the publisher to send on: replies (errors) only.
+    outlets = [publisher]
+    if args.publishers > 1:
+        outlets += await open_many(
+            args,
+            args.publishers - 1,
+            lambda: Publisher(dialect, frames, 0, Sentinel(dialect, channel)),
+            "publishers",
+        )
+    publisher.outlets = [o.transport for o in outlets if o.transport is not None]
     disconnects_before = Stats.disconnects
 
     def delivered() -> int:
@@ -438,19 +509,21 @@ async def run_fanout(args: argparse.Namespace) -> dict[str, Any]:
     watchdog = asyncio.create_task(stall_watchdog(sentinel))
     try:
         await race(asyncio.sleep(args.warmup), watchdog)
-        a = Sample(pids, delivered())
-        wire_a, message_a, compressed_a, pubs_a = (
+        a = Sample(watched, delivered())
+        wire_a, message_a, compressed_a, pubs_a, reads_a = (
             sentinel.wire_bytes,
             sentinel.message_bytes,
             sentinel.compressed,
             sentinel.count,
+            sentinel.reads,
         )
         progress(f"measuring {args.duration:.1f} s")
         await race(asyncio.sleep(args.duration), watchdog)
-        b = Sample(pids, delivered())
+        b = Sample(watched, delivered())
         pubs = sentinel.count - pubs_a
         wire, message = sentinel.wire_bytes - wire_a, sentinel.message_bytes - message_a
         compressed = sentinel.compressed - compressed_a
+        reads = sentinel.reads - reads_a
     finally:
         publisher.running = False
         watchdog.cancel()
@@ -461,11 +534,13 @@ async def run_fanout(args: argparse.Namespace) -> dict[str, Any]:
     backlog_s = args.window * len(subs) / rate if rate else DRAIN_MAX
     lost = await drain(subs, publisher.sent, min(DRAIN_MAX, max(10.0, 2 * backlog_s)))
     disconnects = Stats.disconnects - disconnects_before
-    close_all([*subs, publisher])
+    close_all([*subs, *outlets])
     await asyncio.sleep(0.2)
     return {
         "mode": "fanout",
+        "publishers": len(outlets),
         "subscribers": len(subs),
+        "subscribers_per_node": [n for _, _, n in nodes],
         "data": args.data,
         "payload_size": args.payload_size if args.data == "filler" else None,
         "window": args.window,
@@ -477,6 +552,10 @@ async def run_fanout(args: argparse.Namespace) -> dict[str, Any]:
         "message_bytes_per_delivery": message / pubs if pubs else None,
         "wire_bytes_per_delivery": wire / pubs if pubs else None,
         "compressed_share": compressed / pubs if pubs else None,
+        # How many publications reached the sentinel per read of its socket:
+        # about how many the server put in each write to a subscriber (more
+        # when the generator falls behind and reads several writes at once).
+        "publications_per_read": pubs / reads if reads else None,
         "deflate_offered": args.deflate,
         "deflate_negotiated": sum(s.deflate for s in subs),
         "sent_total": publisher.sent,
@@ -610,9 +689,8 @@ def quantile(ordered: list[int], q: float) -> float:
     return ordered[rank] / 1000
 
 
-async def run_latency(args: argparse.Namespace) -> dict[str, Any]:
-    pids = _proc.process_tree(args.server_pid)
-    dialect, channel = args.dialect, args.channel
+def sampling(dialect: Dialect, channel: str) -> Callable[[], Subscriber]:
+    """Makes subscribers, every SAMPLE_EVERY-th of them Timed."""
     made = 0
 
     def make() -> Subscriber:
@@ -620,8 +698,35 @@ async def run_latency(args: argparse.Namespace) -> dict[str, Any]:
         made += 1
         return Timed(dialect, channel) if made % SAMPLE_EVERY == 0 else Subscriber(dialect, channel)
 
-    subs: list[Subscriber] = await open_many(args, args.subscribers, make, "latency")
-    timed = [s for s in subs if isinstance(s, Timed)]
+    return make
+
+
+def percentiles(latencies: list[int], prefix: str = "") -> dict[str, Any]:
+    """p50, p90, p99, p99.9 and max of nanosecond latencies, in microseconds."""
+    ordered = sorted(latencies)
+    if not ordered:
+        raise RuntimeError("no publication arrived during the window")
+    return {
+        f"{prefix}samples": len(ordered),
+        f"{prefix}p50_us": quantile(ordered, 50),
+        f"{prefix}p90_us": quantile(ordered, 90),
+        f"{prefix}p99_us": quantile(ordered, 99),
+        f"{prefix}p999_us": quantile(ordered, 99.9),
+        f"{prefix}max_us": ordered[-1] / 1000,
+    }
+
+
+async def run_latency(args: argparse.Namespace) -> dict[str, Any]:
+    watched = Watched(args)
+    dialect, channel = args.dialect, args.channel
+    nodes = nodes_of(args)
+    groups: list[list[Subscriber]] = []
+    for label, url, n in nodes:
+        what = f"latency {label}".rstrip()
+        groups.append(await open_many(args, n, sampling(dialect, channel), what, url=url))
+    subs = [s for group in groups for s in group]
+    timed_by_node = [[s for s in group if isinstance(s, Timed)] for group in groups]
+    timed = [t for ts in timed_by_node for t in ts]
     publisher = await connect(args.url, lambda: Client(dialect))
     disconnects_before = Stats.disconnects
     stop = asyncio.Event()
@@ -630,10 +735,10 @@ async def run_latency(args: argparse.Namespace) -> dict[str, Any]:
     await asyncio.sleep(args.warmup)
     for t in timed:
         t.recording = True
-    a = Sample(pids, sum(s.count for s in subs))
+    a = Sample(watched, sum(s.count for s in subs))
     progress(f"measuring {args.duration:.1f} s")
     await asyncio.sleep(args.duration)
-    b = Sample(pids, sum(s.count for s in subs))
+    b = Sample(watched, sum(s.count for s in subs))
     for t in timed:
         t.recording = False
     stop.set()
@@ -642,20 +747,22 @@ async def run_latency(args: argparse.Namespace) -> dict[str, Any]:
     disconnects = Stats.disconnects - disconnects_before
     close_all([*subs, publisher])
     await asyncio.sleep(0.2)
-    ordered = sorted(x for t in timed for x in t.latencies)
-    if not ordered:
-        raise RuntimeError("no publication arrived during the window")
+    # The headline is the last node's subscribers: with two nodes, those a
+    # publication reaches through Redis from the publisher's node A.
+    ordered = sorted(x for t in timed_by_node[-1] for x in t.latencies)
+    local = {}
+    if len(nodes) > 1:
+        local = percentiles([x for t in timed_by_node[0] for x in t.latencies], "node_a_")
+    figures = window_figures(a, b, args.server_pid)
     return {
         "mode": "latency",
         "subscribers": len(subs),
+        "subscribers_per_node": [n for _, _, n in nodes],
         "rate": args.rate,
-        **window_figures(a, b, args.server_pid),
-        "samples": len(ordered),
-        "p50_us": quantile(ordered, 50),
-        "p90_us": quantile(ordered, 90),
-        "p99_us": quantile(ordered, 99),
-        "p999_us": quantile(ordered, 99.9),
-        "max_us": ordered[-1] / 1000,
+        **figures,
+        "publications_per_s": figures["ops_per_s"] / len(subs),
+        **percentiles(ordered),
+        **local,
         # The distribution, for the plot: (percentile, microseconds).
         "quantiles_us": [[q, quantile(ordered, q)] for q in QUANTILES],
         "lost_after_drain": lost,
@@ -672,6 +779,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--records", type=int, default=15, help="records per pub (--data records)")
     parser.add_argument("--deflate", action="store_true", help="subscribers offer compression")
     parser.add_argument("--window", type=int, default=64)
+    parser.add_argument("--publishers", type=int, default=1, help="connections publishing (fanout)")
     parser.add_argument("--connections", type=int, default=10000)
     parser.add_argument("--rate", type=float, default=50.0, help="publications/s (latency)")
 

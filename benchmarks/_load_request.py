@@ -25,12 +25,12 @@ from typing import Any
 
 from picows import WSError, WSTransport, ws_connect
 
-from benchmarks import _proc
 from benchmarks._load import (
     CONNECT_TIMEOUT,
     Client,
     Sample,
     Stats,
+    Watched,
     close_all,
     errors_seen,
     open_many,
@@ -102,7 +102,7 @@ def request_of(args: argparse.Namespace) -> tuple[bytes, Any]:
 
 
 async def run_requests(args: argparse.Namespace) -> dict[str, Any]:
-    pids = _proc.process_tree(args.server_pid)
+    watched = Watched(args)
     request, check = request_of(args)
     inflight = args.inflight if args.mode == "echo" else 1
     welcome = args.mode == "roundtrip" or args.dialect.name == "socketio"
@@ -121,10 +121,10 @@ async def run_requests(args: argparse.Namespace) -> dict[str, Any]:
     for c in clients:
         c.start()
     await asyncio.sleep(args.warmup)
-    a = Sample(pids, answered())
+    a = Sample(watched, answered())
     progress(f"measuring {args.duration:.1f} s")
     await asyncio.sleep(args.duration)
-    b = Sample(pids, answered())
+    b = Sample(watched, answered())
     for c in clients:
         c.running = False
     missing = await settle(clients)
@@ -173,7 +173,7 @@ async def handshake(args: argparse.Namespace) -> None:
 
 
 async def run_churn(args: argparse.Namespace) -> dict[str, Any]:
-    pids = _proc.process_tree(args.server_pid)
+    watched = Watched(args)
     done = 0
     failures: list[str] = []
     stop = asyncio.Event()
@@ -191,10 +191,10 @@ async def run_churn(args: argparse.Namespace) -> dict[str, Any]:
     progress(f"churn: {args.workers} workers connecting and closing")
     workers = [asyncio.create_task(worker()) for _ in range(args.workers)]
     await asyncio.sleep(args.warmup)
-    a = Sample(pids, done)
+    a = Sample(watched, done)
     progress(f"measuring {args.duration:.1f} s")
     await asyncio.sleep(args.duration)
-    b = Sample(pids, done)
+    b = Sample(watched, done)
     stop.set()
     await asyncio.gather(*workers)
     return {

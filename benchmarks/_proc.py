@@ -166,6 +166,16 @@ def http_ok(host: str, port: int, path: str) -> bool:
         conn.close()
 
 
+def redis_ok(host: str, port: int) -> bool:
+    """Whether a Redis answers PING on host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
 def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

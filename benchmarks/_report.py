@@ -12,12 +12,19 @@ OPS = {  # what `ops` counts in each mode
     "roundtrip": "round trips/s",
     "churn": "handshakes/s",
 }
-EXTRA = {  # more columns, by figure key
+EXTRA = {  # more columns, by figure key (a scenario's `keys` pick them)
     "p50_us": "p50 µs",
     "p99_us": "p99 µs",
     "p999_us": "p99.9 µs",
     "wire_bytes_per_delivery": "wire bytes/delivery",
+    "publications_per_s": "publications/s",
+    "publications_per_read": "publications/read",
+    "redis_us_per_op": "Redis CPU µs/op",
+    "node_a_p50_us": "node A p50 µs",
+    "node_a_p99_us": "node A p99 µs",
 }
+
+FORMATS = {"redis_us_per_op": ".2f", "publications_per_read": ".1f"}  # others: ",.0f"
 
 
 def fmt(value: Any, spec: str) -> str:
@@ -48,17 +55,20 @@ def markdown(doc: dict[str, Any]) -> str:
             lines.append(f"| {name} | {t['target']} | {fmt(t['figure'], '.2f')} | {met} |")
     for name, entry in doc["scenarios"].items():
         lines += ["", f"## {name}: {entry['title']}", ""]
-        lines += scenario_table(entry["servers"])
+        lines += scenario_table(entry)
         if entry["notes"]:
             lines += ["", "Notes:", ""] + [f"- {n}" for n in entry["notes"]]
     return "\n".join(lines) + "\n"
 
 
-def scenario_table(servers: dict[str, Any]) -> list[str]:
-    medians = {name: s["median"] for name, s in servers.items() if s["median"]}
+def scenario_table(entry: dict[str, Any]) -> list[str]:
+    medians = {name: s["median"] for name, s in entry["servers"].items() if s["median"]}
     if not medians:
         return ["No run produced figures."]
-    base = medians.get("picows") or medians.get("fastws") or {}
+    # Ratios are to raw picows, or where it does not run to the first server
+    # (fastws without deflate, fastws with the memory broker).
+    base_name = "picows" if "picows" in medians else next(iter(medians))
+    base = medians[base_name]
     sample = next(iter(medians.values()))
     if sample.get("mode") == "idle":
         rows = ["| server | KB per connection | x raw picows |", "|---|---:|---:|"]
@@ -66,9 +76,10 @@ def scenario_table(servers: dict[str, Any]) -> list[str]:
             r = rel(f, base, "kb_per_connection")
             rows.append(f"| {name} | {f['kb_per_connection']:.1f} | {fmt(r, '.2f')} |")
         return rows
-    extra = [k for k in EXTRA if k in sample]
+    keys = entry.get("keys")
+    extra = [k for k in keys if k in EXTRA] if keys else [k for k in EXTRA if k in sample]
     head = (
-        f"| server | {OPS[sample['mode']]} | x picows | server CPU µs/op | x picows "
+        f"| server | {OPS[sample['mode']]} | x {base_name} | server CPU µs/op | x {base_name} "
         "| server core | generator core |"
     )
     head += "".join(f" {EXTRA[k]} |" for k in extra)
@@ -82,12 +93,13 @@ def scenario_table(servers: dict[str, Any]) -> list[str]:
             f"| {fmt(rel(f, base, 'server_us_per_op'), '.2f')} "
             f"| {fmt(f['server_core_busy'], '.0%')} | {fmt(gen, '.0%')}{busy} |"
         )
-        row += "".join(f" {fmt(f.get(k), ',.0f')} |" for k in extra)
+        row += "".join(f" {fmt(f.get(k), FORMATS.get(k, ',.0f'))} |" for k in extra)
         rows.append(row)
     rows += [
         "",
-        "µs/op: the server process's CPU (user + system) per operation. "
-        "`!`: the load generator's core was over 90 % busy, so throughput is a lower bound.",
+        "µs/op: the server process's CPU (user + system) per operation"
+        + (", both nodes' for fastws+redis; Redis's own apart" if "fastws+redis" in medians else "")
+        + ". `!`: the load generator's core was over 90 % busy, so throughput is a lower bound.",
     ]
     return rows
 
@@ -108,7 +120,11 @@ def plots(doc: dict[str, Any], out: Path) -> list[Path]:
     scenarios = doc["scenarios"]
 
     broadcast = sorted(
-        (s for s in scenarios.values() if s["servers"] and mode_of(s) == "fanout"),
+        (
+            s
+            for name, s in scenarios.items()
+            if name.startswith("broadcast") and s["servers"] and mode_of(s) == "fanout"
+        ),
         key=lambda s: subscribers_of(s),
     )
     if broadcast:

@@ -1,5 +1,10 @@
 """Start, wait for, and stop the servers under test, and run the load generator.
 
+A server is one process (fastws, a peer), or for `fastws+redis` a small
+deployment: a redis-server of the run's own and two fastws nodes sharing it
+(`running_cluster`). Either way the load generator is told where to connect
+and whose CPU to count by `generator_args()`.
+
 Every child is started in its own session, pinned and with the fd limit
 lifted before exec, waited on with a timeout, and killed (by its own process
 group id) if it does not leave when asked, so a failed run never leaves a
@@ -10,12 +15,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 5.0
+CLUSTER = "fastws+redis"  # the server name of two nodes sharing a Redis
 
 
 class BenchError(RuntimeError):
@@ -66,6 +73,11 @@ def fastws_spec(*extra: str, name: str = "fastws") -> ServerSpec:
             *extra,
         ],
         lambda port: _proc.http_ok(HOST, port, "/healthz"),
+        # This checkout's fastws even when another one is installed (a clone
+        # benchmarked with the main checkout's editable install).
+        env={
+            "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+        },
     )
 
 
@@ -79,6 +91,31 @@ def fastws_echo_spec() -> ServerSpec:
         # Quiet as `fastws serve --log-level warning`, and this checkout's fastws
         # even when another one is installed.
         env={"FASTWS_LOG_LEVEL": "warning", "PYTHONPATH": str(ROOT)},
+    )
+
+
+def redis_spec() -> ServerSpec:
+    """A redis-server that keeps nothing on disk and logs only warnings."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise BenchError("redis-server is not installed (bash scripts/system-deps.sh test)")
+    return ServerSpec(
+        "redis",
+        lambda port: [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            HOST,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--loglevel",
+            "warning",
+        ],
+        lambda port: _proc.redis_ok(HOST, port),
+        path="",
     )
 
 
@@ -150,6 +187,17 @@ class RunningServer:
     def url(self) -> str:
         return f"ws://{HOST}:{self.port}{self.spec.path}"
 
+    def generator_args(self) -> list[str]:
+        """Where the load generator connects, and whose CPU it counts."""
+        return [
+            "--url",
+            self.url,
+            "--server-pid",
+            str(self.proc.pid),
+            "--dialect",
+            self.spec.dialect,
+        ]
+
     def log_lines(self) -> list[str]:
         """Whatever the server printed: at --log-level warning, each line is worth a look."""
         try:
@@ -194,6 +242,87 @@ def running_server(spec: ServerSpec, cpu: int | None, log_path: Path) -> Iterato
         server.exit_note = stop(proc)
 
 
+@dataclass
+class RunningCluster:
+    """Two fastws nodes sharing one redis-server: node A takes the publisher, and
+    subscribers are spread over A and B (the generator's --peer-url)."""
+
+    redis: RunningServer
+    nodes: list[RunningServer]
+
+    @property
+    def spec(self) -> ServerSpec:
+        return self.nodes[0].spec
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def generator_args(self) -> list[str]:
+        """Both nodes' CPU is the server's; Redis's is counted apart (--redis-pid)."""
+        a, b = self.nodes
+        return [
+            *a.generator_args(),
+            "--peer-url",
+            b.url,
+            "--server-pid",
+            str(b.proc.pid),
+            "--redis-pid",
+            str(self.redis.proc.pid),
+        ]
+
+    @property
+    def exit_note(self) -> str:
+        parts = [self.redis, *self.nodes]
+        return "; ".join(f"{p.spec.name} {p.exit_note}" for p in parts if p.exit_note)
+
+    def log_lines(self) -> list[str]:
+        """The nodes' lines; redis-server warns about the host (overcommit) on every start,
+        so its log is kept on disk but not reported."""
+        return [f"{n.spec.name}: {ln}" for n in self.nodes for ln in n.log_lines()]
+
+
+@contextmanager
+def running_cluster(
+    cpu: int | None, log_path: Path, *node_options: str
+) -> Iterator[RunningCluster]:
+    """A redis-server on a free port and two `fastws serve --redis` nodes, all on `cpu`.
+
+    Logs go next to `log_path`: -redis, -a and -b. Stopped in reverse: the
+    nodes first (they clean up in Redis), then Redis.
+    """
+    stem = log_path.with_suffix("")
+    with ExitStack() as stack:
+        redis = stack.enter_context(running_server(redis_spec(), cpu, Path(f"{stem}-redis.log")))
+        url = f"redis://{HOST}:{redis.port}/0"
+        nodes = [
+            stack.enter_context(
+                running_server(
+                    fastws_spec(
+                        "--redis", url, "--node-name", name, *node_options, name=f"node {name}"
+                    ),
+                    cpu,
+                    Path(f"{stem}-{name.lower()}.log"),
+                )
+            )
+            for name in ("A", "B")
+        ]
+        yield RunningCluster(redis, nodes)
+
+
+@contextmanager
+def running(
+    server: str, echo: bool, cpu: int | None, log_path: Path
+) -> Iterator[RunningServer | RunningCluster]:
+    """The server a scenario names, ready; every process of it stopped on the way out."""
+    if server == CLUSTER:
+        with running_cluster(cpu, log_path) as cluster:
+            yield cluster
+    else:
+        with running_server(spec_for(server, echo), cpu, log_path) as single:
+            yield single
+
+
 def stop(proc: subprocess.Popen[Any]) -> str:
     """SIGTERM, then SIGKILL after a grace period; returns a note if it was not clean."""
     if proc.poll() is not None:
@@ -211,22 +340,14 @@ def stop(proc: subprocess.Popen[Any]) -> str:
 
 
 def run_load(
-    mode: str, server: RunningServer, cpu: int | None, args: list[str], timeout: float
+    mode: str,
+    server: RunningServer | RunningCluster,
+    cpu: int | None,
+    args: list[str],
+    timeout: float,
 ) -> dict[str, Any]:
     """Run the load generator once; its progress goes to our stderr, its JSON is returned."""
-    argv = [
-        sys.executable,
-        "-m",
-        "benchmarks._generator",
-        mode,
-        "--url",
-        server.url,
-        "--server-pid",
-        str(server.proc.pid),
-        "--dialect",
-        server.spec.dialect,
-        *args,
-    ]
+    argv = [sys.executable, "-m", "benchmarks._generator", mode, *server.generator_args(), *args]
     proc = subprocess.Popen(
         argv,
         cwd=ROOT,
