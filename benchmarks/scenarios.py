@@ -10,6 +10,14 @@ acknowledged publications, completed handshakes. Where the load generator
 saturates its core, throughput is a lower bound for the faster server and
 the server's CPU per operation is the figure that stays honest, so every
 table shows both.
+
+The cross-node scenarios compare fastws with the memory broker, one node,
+against `fastws+redis`: two nodes sharing a redis-server, with the same
+subscribers spread over both and the publisher on node A. Their target is
+the cost of going through Redis: server CPU per delivery (both nodes') at
+most 1.2x one memory node's, which holds only if Redis sends each node a
+publication once, never once per subscriber. Redis's own CPU is reported
+apart.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from typing import Any
 
 PEERS = ("picows", "websockets", "aiohttp", "socketio")
 ALL = ("fastws", *PEERS)
+CROSS_NODE = ("fastws", "fastws+redis")  # one memory node; two nodes sharing a Redis
 
 Figures = dict[str, Any]  # a scenario's median figures, server -> key -> value
 
@@ -96,6 +105,35 @@ def echo(inflight: int, bound: float) -> Scenario:
     )
 
 
+def through_redis(bound: float) -> Target:
+    return Target(
+        f"server CPU per delivery through Redis (both nodes) <= {bound:g}x one memory node",
+        at_most_relative("server_us_per_op", bound, "fastws+redis", "fastws"),
+    )
+
+
+def cross_node(publishers: int) -> Scenario:
+    """Full speed through Redis: 64 publications in flight from node A, counted at node B.
+
+    A node runs one connection's commands in order, so a single publishing
+    connection has one publication crossing Redis at a time; with 16 they
+    are 16 at once.
+    """
+    name = "cross-node" if publishers == 1 else f"cross-node-{publishers}"
+    who = "one publisher" if publishers == 1 else f"{publishers} publisher connections"
+    return Scenario(
+        name,
+        f"Cross-node at full speed: 1,000 subscribers over two nodes sharing a Redis; "
+        f"{who} on node A, 64 publications of 64 bytes in flight (counted at node B); "
+        "against one memory node",
+        "fanout",
+        {"subscribers": 1000, "payload-size": 64, "window": 64, "publishers": publishers},
+        servers=CROSS_NODE,
+        targets=(through_redis(1.2),),
+        keys=("publications_per_s", "publications_per_read", "redis_us_per_op"),
+    )
+
+
 BROADCAST_TARGETS = (
     Target("deliveries/s >= 4x raw picows", at_least("ops_per_s", 4.0)),
     Target("server CPU per delivery <= 1.2 us", at_most("server_us_per_op", 1.2)),
@@ -159,6 +197,18 @@ SCENARIOS = [
             ),
         ),
         keys=("wire_bytes_per_delivery",),
+    ),
+    cross_node(1),
+    cross_node(16),
+    Scenario(
+        "cross-node-latency",
+        "Cross-node at 50 publications/s on node A: 1,000 subscribers over two nodes "
+        "sharing a Redis, latency at node B; one memory node",
+        "latency",
+        {"subscribers": 1000, "rate": 50, "payload-size": 64},
+        servers=CROSS_NODE,
+        targets=(through_redis(1.2),),
+        keys=("redis_us_per_op", "p50_us", "p99_us", "node_a_p50_us", "node_a_p99_us"),
     ),
 ]
 

@@ -62,3 +62,65 @@ def test_the_suite_runs_every_mode_and_writes_its_results(tmp_path: Path) -> Non
     assert markdown in proc.stdout
     for plot in ("broadcast.png", "latency.png"):
         assert (tmp_path / plot).read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.timeout(240)
+def test_the_cross_node_scenarios_run_two_nodes_on_a_redis_beside_one_memory_node(
+    tmp_path: Path,
+) -> None:
+    """Two `fastws serve --redis` nodes on a redis-server the suite starts, against
+    one memory node: the report has the figures the cross-node section is made of."""
+    scenarios = ["cross-node-16", "cross-node-latency"]
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            *scenarios,
+            "--subscribers",
+            "40",
+            "--repeat",
+            "1",
+            "--duration",
+            "0.5",
+            "--warmup",
+            "0.2",
+            "--output",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=220,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "suite.json").read_text())
+    for name in scenarios:
+        entry = doc["scenarios"][name]
+        assert set(entry["servers"]) == {"fastws", "fastws+redis"}
+        memory = entry["servers"]["fastws"]["median"]
+        redis = entry["servers"]["fastws+redis"]["median"]
+        for figures in (memory, redis):
+            assert figures["ops"] > 0, f"{name}: {figures}"
+            assert not figures.get("lost_after_drain"), f"{name} lost: {figures}"
+            assert not figures.get("seq_errors"), f"{name} reordered: {figures}"
+            assert figures["publications_per_s"] > 0
+        # Subscribers spread over both nodes, each node's CPU and Redis's apart.
+        assert memory["subscribers_per_node"] == [40]
+        assert redis["subscribers_per_node"] == [20, 20]
+        assert "redis_us_per_op" not in memory
+        for key in ("server_us_per_op", "node_a_us_per_op", "node_b_us_per_op"):
+            assert redis[key] > 0, key
+        assert redis["redis_us_per_op"] is not None
+        [target] = entry["targets"]
+        assert target["figure"] == redis["server_us_per_op"] / memory["server_us_per_op"]
+        assert any("redis-server are all pinned" in note for note in entry["notes"])
+    assert (
+        doc["scenarios"]["cross-node-16"]["servers"]["fastws+redis"]["median"]["publishers"] == 16
+    )
+    latency = doc["scenarios"]["cross-node-latency"]["servers"]["fastws+redis"]["median"]
+    assert latency["p50_us"] > 0 and latency["node_a_p50_us"] > 0  # node B's, and A's
+    markdown = (tmp_path / "suite.md").read_text()
+    assert "## cross-node-latency" in markdown and "Redis CPU µs/op" in markdown
+    for log in ("redis", "a", "b"):
+        assert (tmp_path / "logs" / f"cross-node-16-fastws+redis-1-{log}.log").exists()
