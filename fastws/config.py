@@ -44,12 +44,18 @@ class Config:
     history_ttl: float = 300.0
     presence: bool = False
     join_leave: bool = False
+    client_publish: bool = True
     namespaces: dict[str, dict[str, Any]] = field(default_factory=dict)
     redis: str = ""
     redis_cluster: str = ""
     compression: bool = False
     compression_min_size: int = 256
     compression_level: int = 6
+    token_secret: str = ""
+    token_public_key: str = ""
+    token_audience: str = ""
+    token_issuer: str = ""
+    token_leeway: float = 5.0
     node_name: str = ""
     log_level: str = "info"
 
@@ -91,9 +97,12 @@ HELP = {
     "presence": "Answer the presence op (who is subscribed) for channels.",
     "join_leave": "Send a channel's subscribers a join or leave message when a client "
     "subscribes or leaves.",
+    "client_publish": "Let clients publish with the pub op; false leaves publishing to the "
+    "server (App.publish), and clients get forbidden. Usually set per namespace.",
     "namespaces": "Channel options per namespace (the part of a channel name before ':'), "
-    "overriding history_size, history_ttl, presence and join_leave: a table per namespace "
-    "in TOML, the same as JSON in the environment and on the command line, e.g. "
+    "overriding history_size, history_ttl, presence, join_leave and client_publish: a "
+    "table per namespace in TOML, the same as JSON in the environment and on the command "
+    "line, e.g. "
     '`{"chat": {"presence": true, "join_leave": true}, "cursor": {"history_size": 0}}`.',
     "redis": "URL of the Redis that carries publications between nodes, keeps their "
     "history and presence, e.g. `redis://127.0.0.1:6379/0` (`rediss://` for TLS, "
@@ -107,6 +116,17 @@ HELP = {
     "compression_min_size": "Messages smaller than this many bytes are sent uncompressed.",
     "compression_level": "zlib level, 1 (fastest) to 9 (smallest); a publication is "
     "compressed once for all of its subscribers.",
+    "token_secret": "Shared secret (at least 32 bytes) that clients' JWTs are signed with, "
+    "HS256, HS384 or HS512; every upgrade then needs a valid token (docs/auth.md). Prefer "
+    "the environment or the file to the flag, which ps shows. Empty, with no "
+    "token_public_key: the node is open to anyone.",
+    "token_public_key": "Path of a PEM public key (or certificate) that clients' JWTs are "
+    "checked with: RSA (RS*, PS*) or EC (the ES* of its curve). Not together with "
+    "token_secret.",
+    "token_audience": "The `aud` a token must name; empty: `aud` is not checked.",
+    "token_issuer": "The `iss` a token must carry; empty: `iss` is not checked.",
+    "token_leeway": "Seconds of clock difference allowed when checking `exp` and `nbf`; "
+    "a connection is closed this long after its token's `exp`.",
     "node_name": "Name of this node in welcome frames; empty means host name and pid.",
     "log_level": "Logging level: debug, info, warning or error.",
 }
@@ -246,6 +266,7 @@ def _check(config: Config) -> None:
         "rate_limit",
         "drain_period",
         "history_ttl",
+        "token_leeway",
     ):
         if getattr(config, name) < 0:
             raise ConfigError(f"{name}: must not be negative")
@@ -262,6 +283,14 @@ def _check(config: Config) -> None:
             "carry publications between them; without it each would be a node of its own "
             "whose clients never see the others' publications"
         )
+    # The token key is read now, so that a node with a key it cannot use
+    # refuses to start instead of starting open or refusing every client.
+    from fastws import auth
+
+    try:
+        auth.verifier(config)
+    except auth.BadKey as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

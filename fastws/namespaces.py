@@ -1,11 +1,12 @@
 """Channel options per namespace, the part of a channel's name before ``:``.
 
 ``chat:42`` is in namespace ``chat``; ``lobby`` is in the default namespace.
-The top-level options ``history_size``, ``history_ttl``, ``presence`` and
-``join_leave`` are the defaults for every channel; the ``namespaces`` option
-overrides any of them for the channels of one namespace, for example a
-short history for ``cursor:*`` channels and join/leave messages for
-``chat:*`` ones. Options are resolved per channel name on each use, which
+The top-level options ``history_size``, ``history_ttl``, ``presence``,
+``join_leave`` and ``client_publish`` are the defaults for every channel;
+the ``namespaces`` option overrides any of them for the channels of one
+namespace, for example a short history for ``cursor:*`` channels,
+join/leave messages for ``chat:*`` ones and no client publishing on
+``feed:*`` ones. Options are resolved per channel name on each use, which
 costs a dict look-up, so they need no per-channel state.
 """
 
@@ -28,6 +29,8 @@ class ChannelOptions:
     history_ttl: float  # seconds a publication stays in the history
     presence: bool  # the presence op answers for the channel
     join_leave: bool  # subscribers get {"ch", "join"|"leave": info} as others come and go
+    # Clients may publish with the pub op; without it only the server (App.publish) does.
+    client_publish: bool = True
 
 
 _TYPES: dict[str, type] = {"history_size": int, "history_ttl": float}
@@ -83,7 +86,11 @@ class Namespaces:
     def configure(self, config: Config) -> None:
         """Take the options of a (changed) config; channels made earlier keep their sizes."""
         self.default = ChannelOptions(
-            config.history_size, config.history_ttl, config.presence, config.join_leave
+            config.history_size,
+            config.history_ttl,
+            config.presence,
+            config.join_leave,
+            config.client_publish,
         )
         self._by_name = {
             name: replace(self.default, **options) for name, options in config.namespaces.items()
