@@ -432,6 +432,8 @@ class App:
         else:
             return  # nobody on this node listens to the channel any more
         if missed is None:
+            if position.epoch == stream.epoch and position.seq < stream.seq:
+                position = await self._restart(channel, position)
             self._history_lost(channel)
             stream.epoch, stream.seq = position.epoch, position.seq
         else:
@@ -443,6 +445,20 @@ class App:
         self._advanced(stream)
         for item in held:
             self._deliver(channel, *item)
+
+    async def _restart(self, channel: str, position: Position) -> Position:
+        """The channel's seq went back: end its epoch, so that no one resumes into reused seqs."""
+        logger.warning(
+            "%s went back to seq %d in epoch %s; starting a new epoch",
+            channel,
+            position.seq,
+            position.epoch,
+        )
+        try:
+            return await self.broker.restart(channel, position.epoch)
+        except Unavailable as exc:
+            logger.warning("starting a new epoch of %s: %s", channel, exc)
+            return position
 
     def _history_lost(self, channel: str) -> None:
         logger.warning("the history of %s was lost; closing its subscribers on this node", channel)

@@ -293,3 +293,39 @@ async def test_a_client_resubscribing_while_redis_is_down_waits_and_recovers(
 
 async def _bool(value: bool) -> bool:
     return value
+
+
+async def test_a_channel_whose_seq_went_back_gets_a_new_epoch(redis_server: str) -> None:
+    async with nodes(redis_server, redis_server) as (a, b):
+        ch = unique("back")
+        url = f"ws://{HOST}:{a.port}/ws"
+        async with proto_client(url) as c:
+            first = await c.sub(ch)
+            for n in range(5):
+                await b.app.publish(ch, n)
+            assert [(await c.next_pub(ch))["seq"] for _ in range(5)] == [1, 2, 3, 4, 5]
+            r = aioredis.Redis.from_url(redis_server)
+            try:
+                # What a failover to a replica that lagged two writes behind looks like.
+                await r.set(f"fastws:{{{ch}}}:seq", 3)
+                await r.xdel(f"fastws:{{{ch}}}:stream", "0-4", "0-5")
+                await r.execute_command("XSETID", f"fastws:{{{ch}}}:stream", "0-3")
+                await r.client_kill_filter(_type="pubsub")  # and the nodes' links drop
+            finally:
+                await r.aclose()
+            with pytest.raises(Exception) as closed:
+                while True:
+                    await c.recv(10)
+            assert closed.value.rcvd.code == 1012  # type: ignore[attr-defined]
+        async with proto_client(url) as again:
+            for seq in (5, 2):  # a position past the end, or in the reused range
+                r2 = await again.request(
+                    {"op": "sub", "ch": ch, "since": {"epoch": first["epoch"], "seq": seq}}
+                )
+                assert r2["recovered"] is False and r2["epoch"] != first["epoch"], r2
+                assert r2["seq"] == 3
+                await again.unsub(ch)
+            await again.sub(ch)
+            assert await b.app.publish(ch, "next") == 4
+            m = await again.next_pub(ch)
+            assert (m["seq"], m["data"]) == (4, "next")

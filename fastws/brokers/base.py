@@ -118,6 +118,17 @@ class Broker(ABC):
     async def position(self, channel: str) -> Position:
         """The channel's epoch and the seq of its last publication (0 if none)."""
 
+    async def restart(self, channel: str, epoch: str) -> Position:
+        """Give channel a new epoch if it is still in ``epoch``; its position after.
+
+        For a channel whose seq went back within one epoch: a failover to a
+        replica that had not yet received the last publications. Those seqs
+        would be reused for other publications, so whoever holds a position
+        in the old epoch must be told that it is gone. A broker whose seqs
+        never go back keeps the default, which changes nothing.
+        """
+        return await self.position(channel)
+
     @abstractmethod
     async def history(
         self, channel: str, since: Position | None, limit: int | None = None

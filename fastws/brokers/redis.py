@@ -137,6 +137,20 @@ return seq
 """
 )
 
+# ARGV: new epoch, the epoch to leave, lifetime ms. Returns {epoch, seq}.
+RESTART_LUA = (
+    _ENSURE
+    + """
+local epoch, seq = ensure()
+if epoch == ARGV[2] then
+  epoch = ARGV[1]
+  redis.call('SET', KEYS[2], epoch)
+end
+touch(ARGV[3])
+return {epoch, seq}
+"""
+)
+
 # ARGV: new epoch, lifetime ms, ttl ms, mode ('n': no since, 's': since),
 # since epoch, since seq, limit (-1: none).
 # Returns {epoch, seq, served (1/0), seq1, payload1, seq2, payload2, ...}.
@@ -320,6 +334,7 @@ class RedisBroker(Broker):
     def _register_scripts(self, client: Client) -> None:
         self._publish = client.register_script(self._publish_lua)
         self._history = client.register_script(HISTORY_LUA)
+        self._restart = client.register_script(RESTART_LUA)
         self._presence_set = client.register_script(PRESENCE_SET_LUA)
         self._presence_get = client.register_script(PRESENCE_GET_LUA)
 
@@ -395,6 +410,16 @@ class RedisBroker(Broker):
     async def position(self, channel: str) -> Position:
         position, _ = await self._read(channel, None, 0)
         return position
+
+    async def restart(self, channel: str, epoch: str) -> Position:
+        options = self._options(channel)
+        with self._reaching():
+            reply = await self._restart(
+                keys=self._keys(channel),
+                args=[secrets.token_hex(4), epoch, self._lifetime_ms(options)],
+                client=self._client(),
+            )
+        return Position(reply[0].decode(), int(reply[1]))
 
     async def history(
         self, channel: str, since: Position | None, limit: int | None = None
