@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-from fastws import namespaces
+from fastws import forwarded, namespaces, origins, tls
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,8 @@ class Config:
     host: str = "0.0.0.0"
     port: int = 8080
     path: str = "/ws"
+    tls_cert: str = ""
+    tls_key: str = ""
     workers: int = 1
     max_message_size: int = 65536
     handshake_timeout: float = 5.0
@@ -35,6 +37,8 @@ class Config:
     ping_timeout: float = 20.0
     max_connections: int = 0
     max_connections_per_ip: int = 0
+    trusted_proxies: list[str] = field(default_factory=list)
+    allowed_origins: list[str] = field(default_factory=list)
     rate_limit: float = 1000.0
     rate_burst: int = 1000
     max_bad_commands: int = 10
@@ -64,6 +68,11 @@ HELP = {
     "host": "Address to listen on.",
     "port": "TCP port for WebSocket upgrades and the HTTP endpoints.",
     "path": "Path of the channel-protocol WebSocket endpoint.",
+    "tls_cert": "PEM file of the certificate (chain first) to serve `wss://` and "
+    "`https://` with, in the process: TLS 1.2 and 1.3 only, ECDHE with AEAD ciphers "
+    "only, session tickets on (docs/tls.md). Needs `tls_key`. Empty: plain TCP, for a "
+    "node behind a proxy that terminates TLS, as most are.",
+    "tls_key": "PEM file of the private key of `tls_cert`.",
     "workers": "Processes `fastws serve` runs on the port, each binding it with "
     "SO_REUSEPORT so that the kernel spreads connections over them, under a supervisor "
     "that restarts any that dies (docs/workers.md). More than 1 needs `redis`, which "
@@ -81,6 +90,19 @@ HELP = {
     "HTTP 503. 0: no limit.",
     "max_connections_per_ip": "Connections one client address may hold at most; past it "
     "upgrades get HTTP 429. 0: no limit.",
+    "trusted_proxies": "Addresses and CIDR blocks of the proxies in front of the node, "
+    "e.g. `10.0.0.0/8, 192.168.1.7`: only from a peer among them are X-Forwarded-For "
+    "and X-Real-IP believed, the client being the right-most address in "
+    "X-Forwarded-For that is not itself a trusted proxy. Per-address limits and logs "
+    "use that address. Empty: the headers are ignored and the client is the TCP peer. "
+    "A list in TOML, comma-separated in the environment and on the command line.",
+    "allowed_origins": "Web pages on other sites that may open WebSockets to the node, "
+    "by their Origin, e.g. `https://app.example.com, https://*.example.com` (`*` stands "
+    "for part of a host name, or for a port). An upgrade with no Origin (not a "
+    "browser) or with the node's own (its host and port are the request's Host) is "
+    "always accepted; any other is refused with HTTP 403, which stops cross-site "
+    "WebSocket hijacking. `*` accepts every origin, knowingly (docs/origins.md). A "
+    "list in TOML, comma-separated in the environment and on the command line.",
     "rate_limit": "Channel-protocol commands per second a connection may send (token bucket); "
     "past it commands are refused with limit_exceeded. 0: no limit.",
     "rate_burst": "Size of the rate-limit bucket; a connection refused this many times without "
@@ -142,15 +164,30 @@ def _bool(text: str) -> bool:
 
 
 _bool.__name__ = "bool"
+
+
+def _strings(value: Any) -> list[str]:
+    """A list option: a TOML array of strings, or comma-separated text (env, flag)."""
+    if isinstance(value, str):
+        items = value.split(",")
+    elif isinstance(value, list) and all(isinstance(item, str) for item in value):
+        items = value
+    else:
+        raise ValueError("expected a list of strings, or one string of comma-separated items")
+    return [item.strip() for item in items if item.strip()]
+
+
+_strings.__name__ = "list"
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "str": str,
     "int": int,
     "float": float,
     "bool": _bool,
     "dict[str, dict[str, Any]]": namespaces.parse,
+    "list[str]": _strings,
 }
-# Parsers that take a TOML table as it is, and say themselves what is wrong.
-_TABLES = {namespaces.parse}
+# Parsers that take a TOML table or array as it is, and say themselves what is wrong.
+_TABLES = {namespaces.parse, _strings}
 
 
 @dataclass(frozen=True)
@@ -270,6 +307,7 @@ def _check(config: Config) -> None:
     ):
         if getattr(config, name) < 0:
             raise ConfigError(f"{name}: must not be negative")
+    _check_edge(config)
     if config.workers > 1 and config.port == 0:
         raise ConfigError("workers: processes sharing a port need a fixed port, not 0")
     if config.redis and config.redis_cluster:
@@ -291,6 +329,27 @@ def _check(config: Config) -> None:
         auth.verifier(config)
     except auth.BadKey as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _check_edge(config: Config) -> None:
+    """Origins, proxies and TLS files: refused here, named, rather than at the first client."""
+    for pattern in config.allowed_origins:
+        try:
+            origins.check_pattern(pattern)
+        except ValueError as exc:
+            raise ConfigError(f"allowed_origins: {exc}") from None
+    for cidr in config.trusted_proxies:
+        try:
+            forwarded.parse_network(cidr)
+        except ValueError as exc:
+            raise ConfigError(f"trusted_proxies: {exc}") from None
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ConfigError("tls_cert and tls_key go together: set both, or neither")
+    if config.tls_cert:
+        try:
+            tls.server_context(config.tls_cert, config.tls_key)
+        except ValueError as exc:
+            raise ConfigError(f"tls_cert: {exc}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -83,6 +83,8 @@ def environ(config: Config, node_name: str) -> dict[str, str]:
             env[option.env] = "true" if value else "false"
         elif isinstance(value, dict):
             env[option.env] = json.dumps(value)
+        elif isinstance(value, list):
+            env[option.env] = ",".join(value)  # origins and CIDR blocks hold no commas
         else:
             env[option.env] = str(value)
     env["FASTWS_NODE_NAME"] = node_name

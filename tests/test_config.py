@@ -114,3 +114,33 @@ def test_redis_cluster_is_one_option_and_excludes_redis(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="redis and redis_cluster are both set"):
         config.load({"redis": "redis://127.0.0.1:6379/0"}, {"FASTWS_REDIS_CLUSTER": seed})
     assert config.load({"workers": "2", "port": "8080", "redis_cluster": seed}, {}).workers == 2
+
+
+def test_list_options_are_toml_arrays_or_comma_separated_text(tmp_path: Path) -> None:
+    toml = write_toml(tmp_path, 'allowed_origins = ["https://a.example", "https://*.b.example"]\n')
+    assert config.load({}, {}, toml).allowed_origins == ["https://a.example", "https://*.b.example"]
+    environ = {"FASTWS_TRUSTED_PROXIES": "10.0.0.0/8, 192.168.1.7"}
+    assert config.load({}, environ).trusted_proxies == ["10.0.0.0/8", "192.168.1.7"]
+    flags = {"allowed_origins": "https://a.example,null"}
+    assert config.load(flags, {}).allowed_origins == ["https://a.example", "null"]
+    assert config.load({"trusted_proxies": ""}, {}).trusted_proxies == []
+    with pytest.raises(ConfigError, match="allowed_origins"):
+        config.load({}, {}, write_toml(tmp_path, "allowed_origins = [1]\n"))
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"allowed_origins": "https://app.example/"}, "an origin has no path"),
+        ({"allowed_origins": "app.example"}, "starts with its scheme"),
+        ({"trusted_proxies": "10.0.0.1/8"}, "trusted_proxies: '10.0.0.1/8'"),
+        ({"trusted_proxies": "nginx"}, "trusted_proxies: 'nginx'"),
+        ({"tls_cert": "cert.pem"}, "tls_cert and tls_key go together"),
+        ({"tls_cert": "/nonexistent.pem", "tls_key": "/nonexistent.pem"}, "cannot read"),
+    ],
+)
+def test_edge_options_that_cannot_work_are_refused_at_load(
+    flags: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config.load(flags, {})
