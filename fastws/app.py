@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import uvloop
 
-from fastws import deflate, protocol
+from fastws import auth, deflate, protocol
 from fastws._core.fanout import Hub
 from fastws.brokers import Broker, make_broker
 from fastws.brokers.base import Unavailable
@@ -84,6 +84,7 @@ class Stats:
     slow_consumers: int = 0
     pings_sent: int = 0
     ping_timeouts: int = 0
+    token_expired: int = 0
 
 
 class Handler(Connection):
@@ -156,6 +157,8 @@ class App:
         # apply in library mode as they do to `fastws serve`.
         self.config = config or load()
         self.namespaces = Namespaces(self.config)
+        # Checks clients' tokens (fastws.auth); None when no key is set: open.
+        self.verifier = auth.verifier(self.config)
         self.broker = broker or make_broker(self.config, self.namespaces)
         # fastws's own steps run outside a task until they first wait, unless
         # the broker's client needs a task (redis-py's timeouts do).
@@ -472,6 +475,7 @@ class App:
 
         self.config = replace(self.config, **options)
         self.namespaces.configure(self.config)
+        self.verifier = auth.verifier(self.config)
         self.node_name = self._name()
         node = Node(self)
         await node.start()

@@ -32,6 +32,7 @@ from fastws import deflate
 if TYPE_CHECKING:
     from fastws._core.fanout import Outbox
     from fastws.app import App
+    from fastws.auth import Grant
 
 logger = logging.getLogger("fastws.connection")
 
@@ -58,6 +59,15 @@ class State(Enum):
     CLOSING = "closing"
     CLOSED = "closed"
 
+
+# A token's expiry timer waits at most this long before it looks again, so
+# that a far-off exp never makes a timer the loop cannot hold, and a wall
+# clock that jumped is noticed within a day.
+EXPIRY_CHECK = 86400.0
+
+# The close reason at token expiry (with 1008): clients that can get a fresh
+# token tell it from other 1008 closes by it (docs/protocol.md).
+TOKEN_EXPIRED = "token expired"
 
 # Bound once, like the frame types below: the state is checked on every message.
 CONNECTING, OPEN, CLOSING, CLOSED = State.CONNECTING, State.OPEN, State.CLOSING, State.CLOSED
@@ -105,6 +115,7 @@ class Connection(WSListener):
     # Slots, not a __dict__: about a kilobyte less per idle connection.
     __slots__ = (
         "_close_timer",
+        "_expiry",
         "_fragments",
         "_fragments_compressed",
         "_fragments_text",
@@ -114,6 +125,7 @@ class Connection(WSListener):
         "app",
         "close_code",
         "deflate_bits",
+        "grant",
         "id",
         "outbox",
         "pinged_at",
@@ -135,6 +147,9 @@ class Connection(WSListener):
         self.remote_ip = remote_ip
         self.id = secrets.token_hex(8)
         self.user = ""  # who the client is, once authenticated; "" for anonymous
+        # The verified token's claims (fastws.auth); None on an open node.
+        self.grant: Grant | None = None
+        self._expiry: asyncio.TimerHandle | None = None
         self.state = CONNECTING
         self.transport: WSTransport | None = None
         self.outbox: Outbox | None = None
@@ -152,6 +167,38 @@ class Connection(WSListener):
         self._queue: deque[Step] | None = None
         self._task: asyncio.Task[None] | None = None
         self._close_timer: asyncio.TimerHandle | None = None
+
+    def authorize(self, grant: Grant) -> None:
+        """Take a verified token's claims: at the upgrade, and again on each refresh.
+
+        The connection is closed with 1008 when the token expires (its
+        ``exp`` plus the configured leeway), unless a later grant moved that.
+        """
+        self.grant = grant
+        self.user = grant.user
+        if self.state is OPEN:
+            self._arm_expiry()
+
+    def _arm_expiry(self) -> None:
+        verifier = self.app.verifier
+        if self.grant is None or verifier is None:
+            return
+        if self._expiry is not None:
+            self._expiry.cancel()
+        delay = min(max(verifier.remaining(self.grant), 0.0), EXPIRY_CHECK)
+        self._expiry = asyncio.get_running_loop().call_later(delay, self._expire)
+
+    def _expire(self) -> None:
+        self._expiry = None
+        verifier = self.app.verifier
+        if self.grant is None or verifier is None or self.state is not OPEN:
+            return
+        if verifier.remaining(self.grant) > 0:
+            self._arm_expiry()  # a long-lived token, or the wall clock moved
+            return
+        self.app.stats.token_expired += 1
+        logger.info("connection %s (user %s): token expired, closing with 1008", self.id, self.user)
+        self.close(1008, TOKEN_EXPIRED)
 
     def info(self) -> dict[str, Any]:
         """What other clients may see of this one: in presence, join and leave."""
@@ -248,6 +295,11 @@ class Connection(WSListener):
         self.state = OPEN
         self.quiet_since = asyncio.get_running_loop().time()
         self.app.register(self)
+        if self.grant is not None:
+            # Armed only now: a token that expired during the handshake is
+            # closed at once rather than missed by a close() that is not yet
+            # allowed.
+            self._arm_expiry()
         try:
             self._run(self.opened())
         except Exception as exc:
@@ -294,6 +346,9 @@ class Connection(WSListener):
         self.state = CLOSED
         if self._close_timer is not None:
             self._close_timer.cancel()
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         self.app.detach(self)
         if self.outbox is not None:
             self.outbox.on_overflow = None

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from fastws.app import App
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-REFUSAL_REASONS = ("max_connections", "max_connections_per_ip", "draining")
+REFUSAL_REASONS = ("max_connections", "max_connections_per_ip", "draining", "origin", "unauthorized")
 
 
 class AppCollector:
@@ -77,6 +77,11 @@ class AppCollector:
                 "fastws_slow_consumer_closes",
                 "Connections closed with 1013 as slow consumers.",
                 stats.slow_consumers,
+            ),
+            (
+                "fastws_token_expiry_closes",
+                "Connections closed with 1008 when their token expired.",
+                stats.token_expired,
             ),
             ("fastws_pings_sent", "Keepalive pings sent to quiet connections.", stats.pings_sent),
             (

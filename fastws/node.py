@@ -39,7 +39,7 @@ from picows import (
 )
 from picows.picows import WSAutoPingStrategy, WSProtocol  # type: ignore[attr-defined]
 
-from fastws import deflate, metrics
+from fastws import auth, deflate, metrics
 from fastws.brokers.base import Unavailable
 from fastws.heartbeat import Heartbeat
 
@@ -76,6 +76,17 @@ def _plain(
         response = WSUpgradeResponse.create_ok_response(body, headers)
     else:
         response = WSUpgradeResponse.create_error_response(status, body, headers)
+    return WSUpgradeResponseWithListener(response, None)
+
+
+def _unauthorized(reason: str) -> WSUpgradeResponseWithListener:
+    """401 with the reason in the body and RFC 6750's challenge."""
+    headers = {
+        "Content-Type": "text/plain; charset=utf-8",
+        "Cache-Control": "no-store",
+        "WWW-Authenticate": 'Bearer realm="fastws", error="invalid_token"',
+    }
+    response = WSUpgradeResponse.create_error_response(401, f"{reason}\n".encode(), headers)
     return WSUpgradeResponseWithListener(response, None)
 
 
@@ -155,6 +166,12 @@ class Node:
             self.port,
             ", ".join(self.app.routes) or "none",
         )
+        if self.app.verifier is None and self.app.routes:
+            logger.warning(
+                "NO AUTHENTICATION: neither token_secret nor token_public_key is set, so "
+                "anyone who reaches this port may connect, subscribe to any channel and "
+                "publish to it (docs/auth.md)"
+            )
 
     def _protocol(self) -> WSProtocol:
         """A picows protocol whose router knows the peer's address.
@@ -199,7 +216,17 @@ class Node:
             refusal = self._refusal(remote_ip)
             if refusal is not None:
                 return refusal
+            grant = None
+            if self.app.verifier is not None:
+                try:
+                    grant = self.app.verifier.authenticate(request)
+                except auth.Unauthorized as exc:
+                    self.app.stats.refused["unauthorized"] += 1
+                    logger.debug("upgrade from %s refused with 401: %s", remote_ip, exc)
+                    return _unauthorized(str(exc))
             connection: Connection = cls(self.app, request, remote_ip)
+            if grant is not None:
+                connection.authorize(grant)
             # The header may be split over several lines (RFC 6455 9.1).
             offer = ", ".join(request.headers.getall("Sec-WebSocket-Extensions", []))
             if offer and self.config.compression:

@@ -9,7 +9,7 @@ tested by feeding it bytes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -81,7 +81,15 @@ class Presence:
     ch: str
 
 
-Command = Sub | Unsub | Pub | History | Presence
+@dataclass(frozen=True, slots=True)
+class Refresh:
+    """A fresh token for the same user, before the connection's token expires."""
+
+    id: int | None
+    token: str = field(repr=False)  # a credential: kept out of logs and tracebacks
+
+
+Command = Sub | Unsub | Pub | History | Presence | Refresh
 
 
 def _bad(message: str, id: int | None) -> CommandError:
@@ -148,6 +156,11 @@ def parse(payload: bytes | str) -> Command:
         return History(id, _channel(obj, id), _since(obj, id), _limit(obj, id))
     if op == "presence":
         return Presence(id, _channel(obj, id))
+    if op == "refresh":
+        token = obj.get("token")
+        if not isinstance(token, str) or not token:
+            raise _bad("'token' must be a non-empty string", id)
+        return Refresh(id, token)
     if not isinstance(op, str):
         raise _bad("'op' must be a string", id)
     raise _bad(f"unknown op {op!r}", id)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
-from fastws import protocol
+from fastws import auth, protocol
 from fastws.brokers.base import Unavailable
 from fastws.connection import Connection, Step
 from fastws.limits import RateLimit, Strikes
@@ -81,20 +81,62 @@ class ChannelSession(Connection):
     async def _execute(self, command: protocol.Command) -> None:
         try:
             if isinstance(command, protocol.Pub):
+                self._check_publish(command.ch)
                 await self._pub(command)
             elif isinstance(command, protocol.Sub):
+                self._check_read(command.ch)
                 await self._sub(command)
             elif isinstance(command, protocol.Unsub):
                 await self._unsub(command)
             elif isinstance(command, protocol.History):
+                self._check_read(command.ch)
                 await self._history(command)
-            else:
+            elif isinstance(command, protocol.Presence):
+                self._check_read(command.ch)
                 await self._presence(command)
+            else:
+                self._refresh(command)
         except CommandError as exc:
             exc.id = command.id
             self._answer_error(exc)
         except Unavailable as exc:
             self._answer_error(CommandError(ErrorCode.UNAVAILABLE, str(exc), command.id))
+
+    def _check_read(self, channel: str) -> None:
+        """sub, history and presence: the token's `subs` patterns, when it has them."""
+        if self.grant is not None and not self.grant.may_subscribe(channel):
+            raise CommandError(ErrorCode.FORBIDDEN, "the token does not allow this channel")
+
+    def _check_publish(self, channel: str) -> None:
+        """pub: the namespace must let clients publish, and the token's `pubs` allow it."""
+        if not self.app.namespaces(channel).client_publish:
+            raise CommandError(
+                ErrorCode.FORBIDDEN, "clients may not publish to this channel's namespace"
+            )
+        if self.grant is not None and not self.grant.may_publish(channel):
+            raise CommandError(ErrorCode.FORBIDDEN, "the token does not allow publishing here")
+
+    def _refresh(self, command: protocol.Refresh) -> None:
+        """Replace the connection's token with a fresh one for the same user.
+
+        A token that does not verify, or names another user, is refused with
+        ``forbidden`` and the connection keeps its old token, and with it
+        its old expiry. The new token's patterns apply to later commands.
+        """
+        verifier = self.app.verifier
+        if verifier is None or self.grant is None:
+            raise CommandError(ErrorCode.NOT_AVAILABLE, "this node does not authenticate clients")
+        try:
+            grant = verifier.verify(command.token)
+        except auth.Unauthorized as exc:
+            raise CommandError(ErrorCode.FORBIDDEN, f"refresh refused: {exc}") from None
+        if grant.user != self.grant.user:
+            raise CommandError(
+                ErrorCode.FORBIDDEN, "refresh refused: the token is for another user"
+            )
+        self.authorize(grant)
+        if command.id is not None:
+            self.send_text(protocol.encode_ok(command.id))
 
     async def _pub(self, command: protocol.Pub) -> None:
         seq = await self.app.publish(command.ch, command.data)
