@@ -18,7 +18,13 @@ if TYPE_CHECKING:
     from fastws.app import App
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-REFUSAL_REASONS = ("max_connections", "max_connections_per_ip", "draining", "origin", "unauthorized")
+REFUSAL_REASONS = (
+    "max_connections",
+    "max_connections_per_ip",
+    "draining",
+    "origin",
+    "unauthorized",
+)
 
 
 class AppCollector:

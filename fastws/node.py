@@ -2,7 +2,9 @@
 
 picows parses each request on the port and asks :meth:`Node.route` what to
 do with it. WebSocket paths get a new connection object, unless a
-connection limit says no (503 node-wide, 429 per client address);
+page on another site that is not allowed says no (403, fastws.origins), or a
+connection limit does (503 node-wide, 429 per client address, the address
+being the one trusted proxies forwarded, fastws.forwarded);
 ``/healthz``, ``/readyz``, ``/metrics`` and ``/info`` (this node and the
 live nodes of its deployment) get a plain HTTP response on the same port, so
 probes and scrapers need nothing else, and ``/fastws.js`` the browser
@@ -41,7 +43,10 @@ from picows.picows import WSAutoPingStrategy, WSProtocol  # type: ignore[attr-de
 
 from fastws import auth, deflate, metrics
 from fastws.brokers.base import Unavailable
+from fastws.forwarded import TrustedProxies
 from fastws.heartbeat import Heartbeat
+from fastws.origins import OriginPolicy
+from fastws.tls import server_context
 
 if TYPE_CHECKING:
     from fastws.app import App
@@ -127,6 +132,13 @@ class Node:
         # Logger object per connection for a real Logger, about 0.5 KB each.
         self._picows_logger = logging.LoggerAdapter(logging.getLogger("picows.server"))
         self._started = 0.0
+        self._origins = OriginPolicy(self.config.allowed_origins)
+        self._proxies = TrustedProxies(self.config.trusted_proxies)
+        self._tls = (
+            server_context(self.config.tls_cert, self.config.tls_key)
+            if self.config.tls_cert
+            else None
+        )
 
     def info(self) -> dict[str, Any]:
         """What the node registry says of this node (``/info``, the broker's registry)."""
@@ -153,6 +165,10 @@ class Node:
             # One of several workers on this port (fastws.workers): the
             # kernel spreads new connections over their sockets.
             reuse_port=self.config.workers > 1,
+            # TLS (fastws.tls) on uvloop's SSL transport, which picows writes
+            # through; a TLS handshake gets the same time as the upgrade.
+            ssl=self._tls,
+            ssl_handshake_timeout=(self.config.handshake_timeout or None) if self._tls else None,
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self.state = NodeState.SERVING
@@ -160,10 +176,11 @@ class Node:
         await self.app.broker.register(self.app.node_name, self.info)
         self._heartbeat.start()
         logger.info(
-            "fastws node %s listening on %s:%d (WebSocket paths: %s)",
+            "fastws node %s listening on %s:%d%s (WebSocket paths: %s)",
             self.app.node_name,
             self.config.host,
             self.port,
+            " with TLS" if self._tls else "",
             ", ".join(self.app.routes) or "none",
         )
         if self.app.verifier is None and self.app.routes:
@@ -207,13 +224,15 @@ class Node:
         return protocol
 
     def route(
-        self, request: WSUpgradeRequest, remote_ip: str
+        self, request: WSUpgradeRequest, peer_ip: str
     ) -> WSListener | WSUpgradeResponseWithListener | None:
-        """Decide, from the request line and the peer's address, what a request gets."""
+        """Decide, from the request and the TCP peer's address, what a request gets."""
         path = request.path.split(b"?", 1)[0].decode("latin-1")
         cls = self.app.routes.get(path)
         if cls is not None:
-            refusal = self._refusal(remote_ip)
+            # The client's address: the peer's, or one that a trusted proxy forwarded.
+            remote_ip = self._proxies.client_ip(peer_ip, request.headers)
+            refusal = self._refusal(request, remote_ip)
             if refusal is not None:
                 return refusal
             grant = None
@@ -261,8 +280,15 @@ class Node:
         with contextlib.suppress(Unavailable):
             await self.app.broker.nodes()
 
-    def _refusal(self, remote_ip: str) -> WSUpgradeResponseWithListener | None:
+    def _refusal(
+        self, request: WSUpgradeRequest, remote_ip: str
+    ) -> WSUpgradeResponseWithListener | None:
         config, refused = self.config, self.app.stats.refused
+        origins = request.headers.getall("Origin", [])
+        if origins and not self._origins.allows(origins, request.headers.get("Host")):
+            refused["origin"] += 1
+            logger.debug("upgrade from %s refused with 403: origin %s", remote_ip, origins)
+            return _plain(403, b"origin not allowed\n")
         if self.state is not NodeState.SERVING:
             refused["draining"] += 1
             return _plain(503, b"draining\n")

@@ -698,8 +698,12 @@ class RawWS:
         rcvbuf: int | None = None,
         upgrade: bool = True,
         timeout: float = 5.0,
+        headers: dict[str, str] | None = None,
     ) -> RawWS:
-        """Connect (from ``source``, with a small ``rcvbuf`` if given) and upgrade."""
+        """Connect (from ``source``, with a small ``rcvbuf`` if given) and upgrade.
+
+        ``headers`` go into the upgrade request too (Origin, X-Forwarded-For...).
+        """
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
@@ -715,28 +719,31 @@ class RawWS:
         ws = cls(sock, port)
         if upgrade:
             try:
-                await ws.handshake(path, timeout=timeout)
+                await ws.handshake(path, timeout=timeout, headers=headers)
             except BaseException:
                 ws.close()
                 raise
         return ws
 
-    def upgrade_request(self, path: str = "/ws") -> bytes:
+    def upgrade_request(self, path: str = "/ws", headers: dict[str, str] | None = None) -> bytes:
         import base64
 
         key = base64.b64encode(os.urandom(16)).decode()
+        extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         return (
             f"GET {path} HTTP/1.1\r\nHost: {HOST}:{self.port}\r\nUpgrade: websocket\r\n"
             f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n"
+            f"Sec-WebSocket-Version: 13\r\n{extra}\r\n"
         ).encode()
 
-    async def handshake(self, path: str = "/ws", timeout: float = 5.0) -> int:
+    async def handshake(
+        self, path: str = "/ws", timeout: float = 5.0, headers: dict[str, str] | None = None
+    ) -> int:
         """Send the upgrade request and read the response head; return its status.
 
         For a refusal (not 101) the body is read too, into ``body``.
         """
-        await self.send_raw(self.upgrade_request(path))
+        await self.send_raw(self.upgrade_request(path, headers))
         deadline = time.monotonic() + timeout
         while b"\r\n\r\n" not in self.buf:
             if not await self._fill(deadline - time.monotonic()):

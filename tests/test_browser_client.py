@@ -2,6 +2,9 @@
 
 The page imports the module from the node (GET /fastws.js) into a blank tab,
 whose origin is not the node's, so the import also proves the CORS header.
+That origin is opaque: the tab's upgrades carry ``Origin: null``, which a
+node refuses with 403 unless ``allowed_origins`` lists it (docs/origins.md),
+so the nodes here list it, and one test shows a node that does not.
 Publications are made from Python with a plain WebSocket client; the
 browser's connection goes through a TCP proxy where the test needs to cut
 it. Chromium is driven through the DevTools protocol (tests/browser.py).
@@ -18,7 +21,18 @@ from typing import Any
 
 import pytest
 from browser import Chromium, Page, open_page
-from conftest import HOST, REPO, NodeProcess, free_port, http_get, proto_client, unique
+from conftest import (
+    HOST,
+    REPO,
+    NodeProcess,
+    ascrape,
+    free_port,
+    http_get,
+    metric,
+    proto_client,
+    start_node,
+    unique,
+)
 from tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.timeout(60)
@@ -50,9 +64,33 @@ window.start = (url, ch, options = {}) => {
 """
 
 
+# Nodes that let a blank tab in: its opaque origin is sent as "null". Never
+# list "null" in production; any sandboxed frame of any site sends it too.
+BLANK_TAB = {"FASTWS_ALLOWED_ORIGINS": "null"}
+
+
 def js(value: Any) -> str:
     """A Python value as a JavaScript literal."""
     return json.dumps(value)
+
+
+@pytest.fixture(scope="module")
+def node() -> Iterator[NodeProcess]:
+    """conftest's shared node, letting the blank tab in."""
+    n = start_node(env=BLANK_TAB)
+    yield n
+    n.stop()
+    n.cleanup_files()
+
+
+@pytest.fixture
+def node_factory(node_factory: Callable[..., NodeProcess]) -> Callable[..., NodeProcess]:
+    """conftest's node_factory, whose nodes let the blank tab in unless env says otherwise."""
+
+    def make(*args: Any, env: dict[str, str] | None = None, **kwargs: Any) -> NodeProcess:
+        return node_factory(*args, env={**BLANK_TAB, **(env or {})}, **kwargs)
+
+    return make
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +144,27 @@ async def test_a_blank_page_imports_the_module_from_the_node(page: Page, node: N
     await load(page, node.port)
     exports = await page.evaluate("Object.keys(fastws).sort()")
     assert exports == ["Client", "FastwsError", "HEARTBEAT_CHANNEL", "Subscription", "connect"]
+
+
+async def test_a_node_refuses_a_page_of_an_origin_it_does_not_allow(
+    page: Page, node_factory: Callable[..., NodeProcess]
+) -> None:
+    """What the seed design let through: a page of another site connecting."""
+    strict = node_factory(env={"FASTWS_ALLOWED_ORIGINS": ""})  # the default: none
+    await load(page, strict.port)  # the module itself is served to any origin
+    closed = await page.run(
+        f"""
+        const ws = new WebSocket({js(strict.ws_url())});
+        return await new Promise((resolve) => {{
+          ws.onopen = () => resolve("open");
+          ws.onclose = (e) => resolve(e.code);
+        }});
+        """
+    )
+    assert closed == 1006  # the browser's word for an upgrade refused (here with 403)
+    samples = await ascrape(strict.port)
+    assert metric(samples, "fastws_connections_refused_total", reason="origin") == 1
+    assert metric(samples, "fastws_connections_accepted_total") == 0
 
 
 async def test_subscribe_publish_and_unsubscribe(page: Page, node: NodeProcess) -> None:
@@ -352,7 +411,7 @@ async def test_a_resubscription_meeting_a_node_without_redis_is_retried(
     to_redis = await TcpProxy.start(HOST, redis_port)
     nodes = []
     for url in (f"redis://{HOST}:{to_redis.port}/0", redis_server):
-        app = App(Config(redis=url, log_level="warning"))
+        app = App(Config(redis=url, log_level="warning", allowed_origins=["null"]))
         app.channels("/ws")
         nodes.append(await app.serve(host=HOST, port=0))
     a, b = nodes
