@@ -248,9 +248,7 @@ def _public_key_algorithms(key: Any, path: str) -> tuple[str, ...]:
         algorithm = EC_ALGORITHMS.get(key.curve.name)
         if algorithm is None:
             known = ", ".join(EC_ALGORITHMS)
-            raise BadKey(
-                f"token_public_key: {path}: curve {key.curve.name} is not one of {known}"
-            )
+            raise BadKey(f"token_public_key: {path}: curve {key.curve.name} is not one of {known}")
         return (algorithm,)
     raise BadKey(f"token_public_key: {path}: an RSA or EC public key is needed")
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import ssl as ssl_module
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -43,6 +44,13 @@ logger = logging.getLogger("fastws.client")
 # statuses, would only happen again: the client stops instead of retrying.
 FATAL_CLOSE_CODES = frozenset({1008})
 FATAL_HTTP_STATUSES = frozenset({401, 403})
+
+# The reason of the node's 1008 close when the connection's token expired:
+# with a token function the client gets a fresh token and reconnects.
+TOKEN_EXPIRED = "token expired"
+
+# A token, or what makes a fresh one for each connection attempt.
+Token = str | Callable[[], str | Awaitable[str]]
 
 # The node closes with 1009 when a message is over its size limit. Sending
 # the commands in flight again would repeat that forever, so they fail.
@@ -138,6 +146,7 @@ class Client:
         connect_timeout: float = 10.0,
         headers: Mapping[str, str] | None = None,
         ssl: ssl_module.SSLContext | None = None,
+        token: Token | None = None,
     ) -> None:
         if not 0 < min_delay <= max_delay:
             raise ValueError("need 0 < min_delay <= max_delay")
@@ -150,6 +159,7 @@ class Client:
         self.connect_timeout = connect_timeout
         self._headers = dict(headers or {})
         self._ssl = ssl
+        self._token = token
         self.connects = 0  # connections that got their welcome, over the client's life
         self.client_id: str | None = None  # from the current or last welcome
         self.node: str | None = None
@@ -268,6 +278,35 @@ class Client:
         reply = await self._call({"op": "presence", "ch": channel})
         clients: dict[str, Any] = reply["clients"]
         return clients
+
+    async def refresh(self, token: str | None = None) -> None:
+        """Give the node a fresh token before the connection's token expires.
+
+        ``token`` defaults to a new one from the client's token function.
+        A token string given to :func:`connect` is replaced by this one for
+        later connections; a token function is kept (it is called for each
+        new connection). CommandError('forbidden') when the node does not
+        accept the token (invalid, expired, or for another user): the
+        connection keeps its old token, and is closed when that expires.
+        While no connection is up there is nothing to refresh: the next
+        connection presents the new token.
+        """
+        if token is None:
+            if not callable(self._token):
+                raise ValueError("refresh() needs a token, or a token function given to connect()")
+            token = await self._fresh_token()
+        await self._call({"op": "refresh", "token": token}, resend=False)
+        if not callable(self._token):
+            self._token = token
+
+    async def _fresh_token(self) -> str:
+        assert callable(self._token)
+        token = self._token()
+        if inspect.isawaitable(token):
+            token = await token
+        if not isinstance(token, str):
+            raise TypeError(f"the token function returned {type(token).__name__}, not str")
+        return token
 
     async def close(self) -> None:
         """Stop for good: close the connection, fail pending calls, end every iteration."""
@@ -491,7 +530,7 @@ class Client:
             if link is not None:
                 if link.welcomed:
                     attempt = 0
-                if link.close_code in FATAL_CLOSE_CODES:
+                if link.close_code in FATAL_CLOSE_CODES and not self._renewable(link):
                     self._stop(Rejected(link.close_code, link.close_reason), by_user=False)
                     return
             delay = backoff_delay(attempt, self.min_delay, self.max_delay)
@@ -499,8 +538,20 @@ class Client:
             logger.debug("reconnecting to %s in %.3f s", self.url, delay)
             await asyncio.sleep(delay)
 
+    def _renewable(self, link: _Link) -> bool:
+        """A close at token expiry, which a token function can cure with a fresh token."""
+        return link.close_reason == TOKEN_EXPIRED and callable(self._token)
+
     async def _connect(self) -> _Link | None:
         """One connection, from the attempt to its end; None if it never opened."""
+        headers = self._headers
+        if self._token is not None:
+            try:
+                token = await self._fresh_token() if callable(self._token) else self._token
+            except Exception:
+                logger.exception("the token function failed; retrying")
+                return None
+            headers = {**headers, "Authorization": f"Bearer {token}"}
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, listener = await ws_connect(
@@ -516,7 +567,7 @@ class Client:
                     auto_ping_idle_timeout=self.heartbeat_timeout * 2 / 3,
                     auto_ping_reply_timeout=self.heartbeat_timeout / 3,
                     auto_ping_strategy=WSAutoPingStrategy.PING_WHEN_IDLE,
-                    extra_headers=self._headers or None,
+                    extra_headers=headers or None,
                 )
         except Exception as exc:
             self._abandon()
@@ -596,6 +647,7 @@ def connect(
     connect_timeout: float = 10.0,
     headers: Mapping[str, str] | None = None,
     ssl: ssl_module.SSLContext | None = None,
+    token: Token | None = None,
 ) -> Client:
     """A client of the node at ``url`` (``ws://host:port/ws``); use it with ``async with``.
 
@@ -608,8 +660,13 @@ def connect(
     ``heartbeat_timeout`` seconds is taken for dead; the client pings a
     silent one so that a live node always has something to answer.
     ``connect_timeout`` bounds an attempt, from TCP connect to the welcome.
-    ``headers`` go on every upgrade request (credentials, for example);
-    ``ssl`` is the context for ``wss://`` URLs.
+    ``headers`` go on every upgrade request; ``ssl`` is the context for
+    ``wss://`` URLs. ``token`` is the JWT for a node that checks tokens
+    (docs/auth.md), sent as ``Authorization: Bearer``: a string, or a
+    function (plain or async) called before every attempt for a fresh one.
+    With a function, a close at token expiry is followed by a reconnect
+    with a new token rather than the end of the client; keep a long-lived
+    connection open without one with :meth:`Client.refresh`.
     """
     return Client(
         url,
@@ -619,4 +676,5 @@ def connect(
         connect_timeout=connect_timeout,
         headers=headers,
         ssl=ssl,
+        token=token,
     )

@@ -61,6 +61,13 @@ export const HEARTBEAT_CHANNEL = "$fastws.heartbeat";
 const FINAL_CLOSE_CODES = new Set([1008]);
 
 /**
+ * The reason of the node's 1008 close when the connection's token expired.
+ * With a url function the client reconnects, and the function gives the
+ * new connection a fresh `?token=`.
+ */
+const TOKEN_EXPIRED = "token expired";
+
+/**
  * An error reply from the node (`code` is its error code, such as
  * "bad_request" or "forbidden"), or the client's own: "closed" when the
  * client was closed before the command was answered (`closeCode` is set
@@ -83,11 +90,12 @@ export class FastwsError extends Error {
 
 /**
  * Start a client. It connects at once and keeps reconnecting until
- * `close()` or a 1008 close.
+ * `close()` or a 1008 close (but for a close at token expiry when `url` is
+ * a function: that one reconnects with the function's fresh token).
  *
  * @param {string | (() => string | Promise<string>)} url the node's
  *   channel endpoint, `ws://host:port/ws`; or a function called before
- *   every attempt, the place to put a fresh `?token=`.
+ *   every attempt, the place to put a fresh `?token=` (docs/auth.md).
  * @param {Options} [options]
  * @returns {Client}
  */
@@ -106,7 +114,7 @@ export class Client {
   #retryTimer = 0;
   #tickTimer = 0;
   #nextId = 1;
-  /** @type {Map<number, {kind: "sub", sub: Subscription} | {kind: "pub", pub: PendingPub} | {kind: "probe"}>} */
+  /** @type {Map<number, {kind: "sub", sub: Subscription} | {kind: "pub", pub: PendingPub} | {kind: "probe"} | {kind: "refresh", resolve: Function, reject: Function}>} */
   #replies = new Map();
   /** @type {Map<string, Subscription>} */
   #subs = new Map();
@@ -184,6 +192,27 @@ export class Client {
   }
 
   /**
+   * Hand the node a fresh token before the connection's token expires
+   * (docs/auth.md); the node then keeps the connection open past the old
+   * token's expiry. New connections still take their token from the url
+   * (give `connect()` a function that puts a fresh one in). While no
+   * connection is up there is nothing to refresh and it resolves at once.
+   *
+   * @param {string} token
+   * @returns {Promise<void>} rejects with a FastwsError, code "forbidden"
+   *   when the node refuses the token (invalid, expired, another user).
+   */
+  refresh(token) {
+    if (this.#state === "closed") {
+      return Promise.reject(new FastwsError("closed", "the client is closed"));
+    }
+    if (!this.#isOpen()) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      this.#command({ op: "refresh", token }, { kind: "refresh", resolve, reject });
+    });
+  }
+
+  /**
    * Close for good: subscriptions end (their loops finish), and publishes
    * not yet acknowledged reject with code "closed".
    */
@@ -253,6 +282,8 @@ export class Client {
         // already closing
       }
     }
+    // A refresh in flight is moot: the next connection presents its own token.
+    this.#settleRefreshes(null);
     this.#replies.clear();
     for (const sub of this.#subs.values()) sub._active = false;
     const unsent = [];
@@ -267,11 +298,21 @@ export class Client {
       }
     }
     this.#pubs = unsent;
-    if (FINAL_CLOSE_CODES.has(code)) {
+    const renewable = reason === TOKEN_EXPIRED && typeof this.#url === "function";
+    if (FINAL_CLOSE_CODES.has(code) && !renewable) {
       this.#finish(new FastwsError("closed", reason || `closed by the node with ${code}`, code));
       return;
     }
     this.#retry();
+  }
+
+  /** Resolve (error null) or reject every refresh still waiting for its reply. */
+  #settleRefreshes(error) {
+    for (const pending of this.#replies.values()) {
+      if (pending.kind !== "refresh") continue;
+      if (error === null) pending.resolve();
+      else pending.reject(error);
+    }
   }
 
   /** Wait, then connect again: exponential backoff with full jitter. */
@@ -298,8 +339,9 @@ export class Client {
         ws.close(1000);
       }
     }
-    this.#replies.clear();
     const rejection = error ?? new FastwsError("closed", "the client is closed");
+    this.#settleRefreshes(rejection);
+    this.#replies.clear();
     for (const pub of this.#pubs) pub.reject(rejection);
     this.#pubs = [];
     for (const sub of this.#subs.values()) sub._end(error);
@@ -417,7 +459,10 @@ export class Client {
     const error = message.error
       ? new FastwsError(message.error.code, message.error.message)
       : null;
-    if (pending.kind === "pub") {
+    if (pending.kind === "refresh") {
+      if (error) pending.reject(error);
+      else pending.resolve();
+    } else if (pending.kind === "pub") {
       const index = this.#pubs.indexOf(pending.pub);
       if (index >= 0) this.#pubs.splice(index, 1);
       if (error) pending.pub.reject(error);
