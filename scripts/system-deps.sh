@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install, with apt-get, the system packages that building and testing need
 # and that this machine lacks: a C toolchain, Python headers, venv, curl, and
-# with the argument `test` Chromium, redis-server and nginx. Does nothing when
-# everything is there.
+# with the argument `test` Chromium, redis-server, nginx and prometheus. Does
+# nothing when everything is there.
 set -euo pipefail
 
 missing=()
@@ -25,6 +25,10 @@ if [ "${1:-}" = test ]; then
     # tests fail without it. Debian installs it under /usr/sbin, which is not
     # on every user's PATH, hence the second look.
     command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+    # A real Prometheus for tests/test_observability.py, which scrapes a node
+    # with it and queries a metric back through its HTTP API; the tests fail
+    # without it.
+    command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
 fi
 
 if [ ${#missing[@]} -gt 0 ]; then
