@@ -4,16 +4,19 @@ Anyone can send ``X-Forwarded-For``; a node believes it only from a TCP peer
 in ``trusted_proxies``, and then only as far as trusted proxies wrote it
 (the right-most address that is not itself trusted). The walk is checked as
 pure code, then on real nodes through the per-address connection limit,
-whose 429 is what a client sees when its address is counted.
+whose 429 is what a client sees when its address is counted, and last
+behind a real nginx running the shipped deploy/nginx.conf.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
-from conftest import NodeProcess, RawWS, ascrape, metric
+from conftest import HOST, NodeProcess, RawWS, ascrape, metric
 from multidict import CIMultiDict
+from test_nginx import start_nginx
 
 from fastws.forwarded import TrustedProxies, parse_address
 
@@ -147,3 +150,45 @@ async def test_a_trusted_proxy_gives_each_forwarded_client_its_own_allowance(
     finally:
         for ws in held:
             ws.close()
+
+
+async def test_behind_the_shipped_nginx_each_client_address_has_its_own_allowance(
+    node_factory: Callable[..., NodeProcess], tmp_path: Path
+) -> None:
+    """deploy/nginx.conf in front of a node that trusts it: the limit counts clients.
+
+    Clients reach nginx from 127.0.0.2 and 127.0.0.3; the node sees only
+    nginx (127.0.0.1), and counts the address nginx forwards.
+    """
+    node = node_factory(args=["--max-connections-per-ip", "1", "--trusted-proxies", HOST])
+    # The shipped file has three upstream servers; here all three are this node.
+    proxy = start_nginx([node.port] * 3, tmp_path)
+    held: list[RawWS] = []
+    try:
+        for source in ("127.0.0.2", "127.0.0.3"):
+            held.append(await upgrade(proxy.port, source, None))
+            assert held[-1].status == 101, (source, held[-1].status, held[-1].body)
+        again = await upgrade(proxy.port, "127.0.0.2", None)
+        again.close()
+        assert again.status == 429, (again.status, again.body)
+        # What a client writes itself stays left of its real address in the
+        # header nginx passes on, and is not read.
+        spoofed = await upgrade(proxy.port, "127.0.0.2", "198.51.100.77")
+        spoofed.close()
+        assert spoofed.status == 429, spoofed.status
+        # nginx passes the Host on with its port, so a page of the site
+        # nginx serves is the node's own site (docs/origins.md).
+        own = await RawWS.open(
+            proxy.port, source="127.0.0.4", headers={"Origin": f"http://{HOST}:{proxy.port}"}
+        )
+        held.append(own)
+        assert own.status == 101, (own.status, own.body)
+        samples = await ascrape(node.port)
+        reason = "max_connections_per_ip"
+        assert metric(samples, "fastws_connections_refused_total", reason=reason) == 2
+        assert metric(samples, "fastws_connections_open") == 3
+    finally:
+        for ws in held:
+            ws.close()
+        proxy.stop()
+        proxy.cleanup_files()

@@ -18,8 +18,9 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -364,6 +365,24 @@ def test_a_session_ticket_resumes_the_session(
     with tls_socket(tls_node.port, context, session) as second:
         assert second.session_reused is True
         assert https_get(second, "/healthz").status == 200
+
+
+def test_a_connection_that_never_starts_its_handshake_is_dropped(
+    node_factory: Callable[..., NodeProcess], certs: Certs
+) -> None:
+    node = node_factory(
+        args=["--tls-cert", str(certs.cert), "--tls-key", str(certs.key)],
+        env={"FASTWS_HANDSHAKE_TIMEOUT": "0.5"},
+        wait=False,
+    )
+    node.wait_port_open()
+    with socket.create_connection((HOST, node.port), timeout=5) as silent:
+        started = time.monotonic()
+        with contextlib.suppress(ConnectionResetError):
+            assert silent.recv(1024) == b""  # EOF, nothing sent
+        waited = time.monotonic() - started
+    assert 0.3 < waited < 3.0, waited
+    assert get(node.port, "/healthz", client_context(certs)).status == 200
 
 
 def test_a_key_that_is_not_the_certificates_stops_the_node_at_start(certs: Certs) -> None:
