@@ -85,6 +85,8 @@ def test_worker_environment_gives_back_the_same_config() -> None:
             "compression": "true",
             "ping_interval": "0.1",
             "namespaces": '{"chat": {"presence": true, "history_size": 5}}',
+            "allowed_origins": "https://app.example, https://*.example.org",
+            "trusted_proxies": "10.0.0.0/8,192.168.1.7",
         },
         environ={},
     )
