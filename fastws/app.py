@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import uvloop
 
-from fastws import auth, deflate, protocol
+from fastws import auth, deflate, logs, protocol
 from fastws._core.fanout import Hub
 from fastws.brokers import Broker, make_broker
 from fastws.brokers.base import Unavailable
@@ -287,7 +287,9 @@ class App:
             if stream.epoch == sent.epoch and stream.seq > last:
                 _, missed = await self.broker.history(channel, Position(sent.epoch, last))
                 if not missed:
-                    logger.warning("%s: history cannot catch %s up on %s", conn.id, channel, last)
+                    conn.log(logger).warning(
+                        "%s: history cannot catch %s up on %s", conn.id, channel, last
+                    )
                     conn.close(HISTORY_LOST, "channel history lost")
                     return
                 for stored in missed:
@@ -301,7 +303,9 @@ class App:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stream.arrived.wait(), deadline - loop.time())
             else:
-                logger.warning("%s: the stream of %s lags behind its history", conn.id, channel)
+                conn.log(logger).warning(
+                    "%s: the stream of %s lags behind its history", conn.id, channel
+                )
                 return
 
     async def announce_join(self, conn: Connection, channel: str) -> None:
@@ -318,7 +322,7 @@ class App:
             if options.join_leave:
                 await self.broker.announce(channel, protocol.encode_join(channel, conn.info()))
         except Unavailable as exc:
-            logger.warning("%s: announcing its join to %s: %s", conn.id, channel, exc)
+            conn.log(logger).warning("%s: announcing its join to %s: %s", conn.id, channel, exc)
 
     async def announce_leave(self, conn: Connection, channel: str) -> None:
         options = self.namespaces(channel)
@@ -328,7 +332,7 @@ class App:
             if options.join_leave:
                 await self.broker.announce(channel, protocol.encode_leave(channel, conn.info()))
         except Unavailable as exc:
-            logger.warning("%s: announcing its leave from %s: %s", conn.id, channel, exc)
+            conn.log(logger).warning("%s: announcing its leave from %s: %s", conn.id, channel, exc)
 
     def register(self, conn: Connection) -> None:
         self.connections.add(conn)
@@ -495,8 +499,6 @@ class App:
                 started(node)
             await node.wait_stopped()
 
-        level = logging.getLevelName(replace(self.config, **options).log_level.upper())
-        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        # picows logs every connection at INFO: too much for a node's log.
-        logging.getLogger("picows").setLevel(max(level, logging.WARNING))
+        config = replace(self.config, **options)
+        logs.configure(config.log_level, config.log_format)
         uvloop.run(main())

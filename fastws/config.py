@@ -62,6 +62,7 @@ class Config:
     token_leeway: float = 5.0
     node_name: str = ""
     log_level: str = "info"
+    log_format: str = "text"
 
 
 HELP = {
@@ -151,6 +152,10 @@ HELP = {
     "a connection is closed this long after its token's `exp`.",
     "node_name": "Name of this node in welcome frames; empty means host name and pid.",
     "log_level": "Logging level: debug, info, warning or error.",
+    "log_format": "`text` for people, or `json`: one object per line with time, level, "
+    "logger and message, and on lines about a connection its client id, user, remote "
+    "address and trace id (taken from a W3C `traceparent` header on the upgrade, or made "
+    "up, and sent in the welcome frame) (docs/observability.md).",
 }
 
 
@@ -308,6 +313,12 @@ def _check(config: Config) -> None:
         if getattr(config, name) < 0:
             raise ConfigError(f"{name}: must not be negative")
     _check_edge(config)
+    if config.log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(
+            f"log_level: {config.log_level!r} is not one of debug, info, warning, error"
+        )
+    if config.log_format not in ("text", "json"):
+        raise ConfigError(f"log_format: {config.log_format!r} is not text or json")
     if config.workers > 1 and config.port == 0:
         raise ConfigError("workers: processes sharing a port need a fixed port, not 0")
     if config.redis and config.redis_cluster:

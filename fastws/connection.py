@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, WSUpgradeRequest
 
-from fastws import deflate
+from fastws import deflate, logs
 
 if TYPE_CHECKING:
     from fastws._core.fanout import Outbox
@@ -134,6 +134,7 @@ class Connection(WSListener):
         "request",
         "seen",
         "state",
+        "trace",
         "transport",
         "user",
     )
@@ -147,6 +148,9 @@ class Connection(WSListener):
         self.remote_ip = remote_ip
         self.id = secrets.token_hex(8)
         self.user = ""  # who the client is, once authenticated; "" for anonymous
+        # The W3C trace id this connection's log lines carry (fastws.logs):
+        # from the upgrade's traceparent header, or made up; sent in the welcome.
+        self.trace = logs.trace_id(request.headers.getall("traceparent", ()))
         # The verified token's claims (fastws.auth); None on an open node.
         self.grant: Grant | None = None
         self._expiry: asyncio.TimerHandle | None = None
@@ -197,12 +201,19 @@ class Connection(WSListener):
             self._arm_expiry()  # a long-lived token, or the wall clock moved
             return
         self.app.stats.token_expired += 1
-        logger.info("connection %s (user %s): token expired, closing with 1008", self.id, self.user)
+        self.log().info(
+            "connection %s (user %s): token expired, closing with 1008", self.id, self.user
+        )
         self.close(1008, TOKEN_EXPIRED)
 
     def info(self) -> dict[str, Any]:
         """What other clients may see of this one: in presence, join and leave."""
         return {"client": self.id, "user": self.user}
+
+    def log(self, to: logging.Logger = logger) -> logs.ConnectionLog:
+        """``to`` (this module's logger by default), its lines carrying this connection's
+        client id, user, remote address and trace id (fastws.logs)."""
+        return logs.ConnectionLog(to, self)
 
     # Hooks for subclasses.
 
@@ -273,12 +284,12 @@ class Connection(WSListener):
     def fail(self, exc: BaseException) -> None:
         """An unexpected error in this connection's code: log it, close with 1011."""
         self.app.stats.handler_errors += 1
-        logger.error("connection %s: unhandled error, closing with 1011", self.id, exc_info=exc)
+        self.log().error("connection %s: unhandled error, closing with 1011", self.id, exc_info=exc)
         self.close(1011, "internal error")
 
     def _slow_consumer(self, outbox: Outbox) -> None:
         self.app.stats.slow_consumers += 1
-        logger.info("connection %s: send buffer over its limit, closing with 1013", self.id)
+        self.log().info("connection %s: send buffer over its limit, closing with 1013", self.id)
         self.close(1013, "slow consumer")
 
     # picows callbacks.
@@ -357,7 +368,7 @@ class Connection(WSListener):
         try:
             self._run(self.closed())
         except Exception as exc:
-            logger.error("connection %s: error in close handler", self.id, exc_info=exc)
+            self.log().error("connection %s: error in close handler", self.id, exc_info=exc)
 
     # Internals.
 

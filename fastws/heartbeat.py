@@ -52,7 +52,7 @@ class Heartbeat:
             elif conn.pinged_at:
                 if now - conn.pinged_at >= self.timeout:
                     stats.ping_timeouts += 1
-                    logger.info("connection %s: no answer to ping, cutting it", conn.id)
+                    conn.log(logger).info("connection %s: no answer to ping, cutting it", conn.id)
                     conn.abort()
             elif now - conn.quiet_since >= self.interval:
                 conn.pinged_at = now

@@ -40,7 +40,7 @@ class ChannelSession(Connection):
             self._rate = RateLimit(
                 config.rate_limit, config.rate_burst, asyncio.get_running_loop().time()
             )
-        self.send_text(protocol.encode_welcome(self.id, self.app.node_name))
+        self.send_text(protocol.encode_welcome(self.id, self.app.node_name, trace=self.trace))
         return None
 
     def received(self, payload: bytes, text: bool) -> Step | None:

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from fastws import logs
 from fastws.config import OPTIONS, Config
 
 if TYPE_CHECKING:
@@ -249,8 +250,7 @@ def _how(code: int) -> str:
 
 def supervise(config: Config) -> int:
     """Run ``config.workers`` workers of ``fastws serve``; the exit status for the group."""
-    level = logging.getLevelName(config.log_level.upper())
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(config.log_level, config.log_format)
     return Supervisor(config).run()
 
 
