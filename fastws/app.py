@@ -27,6 +27,7 @@ from fastws.brokers import Broker, make_broker
 from fastws.brokers.base import Unavailable
 from fastws.config import Config, load
 from fastws.connection import Connection, Step, finish, start_eagerly
+from fastws.metrics import Metrics
 from fastws.namespaces import Namespaces
 from fastws.protocol import Position
 from fastws.session import ChannelSession
@@ -71,13 +72,21 @@ class _Stream:
 
 @dataclass
 class Stats:
-    """Plain counters, bumped on the hot path and read by /metrics when scraped."""
+    """Plain counters, bumped on the hot path and read by /metrics when scraped.
+
+    fastws.metrics says what each one exposes as. A new reason in
+    ``refused`` shows up on its own, labelled as counted.
+    """
 
     accepted: int = 0
     refused: Counter[str] = field(default_factory=Counter)
+    closes: Counter[int] = field(default_factory=Counter)  # by close code
     messages_in: int = 0
+    bytes_in: int = 0
+    publications: Counter[str] = field(default_factory=Counter)  # by namespace label
     command_errors: int = 0
     rate_limited: int = 0
+    rate_limit_closes: int = 0
     policy_closes: int = 0
     protocol_errors: int = 0
     handler_errors: int = 0
@@ -85,6 +94,8 @@ class Stats:
     pings_sent: int = 0
     ping_timeouts: int = 0
     token_expired: int = 0
+    recovered: int = 0  # sub with since: the missed publications were replayed
+    not_recovered: int = 0  # ... or could not be: the client was told to refetch
 
 
 class Handler(Connection):
@@ -159,16 +170,19 @@ class App:
         self.namespaces = Namespaces(self.config)
         # Checks clients' tokens (fastws.auth); None when no key is set: open.
         self.verifier = auth.verifier(self.config)
-        self.broker = broker or make_broker(self.config, self.namespaces)
+        self.broker: Broker = broker or make_broker(self.config, self.namespaces)
         # fastws's own steps run outside a task until they first wait, unless
         # the broker's client needs a task (redis-py's timeouts do).
         self.eager = not self.broker.waits
         self.broker.attach(self._deliver, self._resync)
-        self.hub = Hub()
+        self.hub: Hub = Hub()
         self.routes: dict[str, type[Connection]] = {}
         self.connections: set[Connection] = set()
         self.connections_per_ip: Counter[str] = Counter()
-        self.stats = Stats()
+        self.stats: Stats = Stats()
+        # What /metrics exposes; it also times the broker's calls.
+        self.metrics = Metrics(self)
+        self.broker.calls = self.metrics.broker_calls
         self.node_name = self._name()
         self._background: set[asyncio.Task[None]] = set()
         # Per channel this node listens to: local subscribers and joins under
@@ -197,7 +211,9 @@ class App:
 
     async def publish(self, channel: str, data: Any) -> int:
         """Publish data (any JSON value) to a channel on every node; return its seq."""
-        return await self.broker.publish(channel, data)
+        seq = await self.broker.publish(channel, data)
+        self.stats.publications[self.namespaces.label(channel)] += 1
+        return seq
 
     async def join(
         self,

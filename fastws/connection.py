@@ -19,6 +19,8 @@ import asyncio
 import codecs
 import logging
 import secrets
+import struct
+import time
 import types
 from collections import deque
 from collections.abc import Awaitable, Coroutine, Generator
@@ -44,8 +46,12 @@ _utf8_decoder = codecs.getincrementaldecoder("utf-8")
 # ~200 ns on Python 3.11, several times per frame on the hot path. picows hands
 # out these very members, so `is` compares them.
 TEXT, BINARY, CONTINUATION = WSMsgType.TEXT, WSMsgType.BINARY, WSMsgType.CONTINUATION
-PING_FRAME, CLOSE_FRAME = WSMsgType.PING, WSMsgType.CLOSE
+PING_FRAME, PONG_FRAME, CLOSE_FRAME = WSMsgType.PING, WSMsgType.PONG, WSMsgType.CLOSE
 PING, PONG = WSMsgType.PING.value, WSMsgType.PONG.value  # opcodes for Outbox.control
+
+# A keepalive ping carries the monotonic clock when it left, which the peer
+# echoes in its pong: the round trip is measured without a per-connection field.
+_PING_CLOCK = struct.Struct("!d")
 
 
 def valid_close_code(code: int) -> bool:
@@ -278,8 +284,19 @@ class Connection(WSListener):
             self.transport.disconnect(graceful=False)
 
     def ping(self) -> None:
+        """Send a keepalive PING; its pong's round trip goes to the ping_rtt histogram."""
         if self.outbox is not None and self.state is OPEN:
-            self.outbox.control(PING, b"")
+            self.outbox.control(PING, _PING_CLOCK.pack(time.monotonic()))
+
+    def _pong(self, frame: WSFrame) -> None:
+        """The answer to a keepalive ping: observe its round trip, once per ping."""
+        if not self.pinged_at or frame.payload_size != _PING_CLOCK.size:
+            return
+        self.pinged_at = 0.0  # the next sweep starts over anyway: the peer was heard
+        (sent,) = _PING_CLOCK.unpack(frame.get_payload_as_bytes())
+        rtt = time.monotonic() - sent
+        if 0.0 <= rtt <= self.app.config.ping_timeout + 1.0:  # not a made-up payload
+            self.app.metrics.ping_rtt.observe(rtt)
 
     def fail(self, exc: BaseException) -> None:
         """An unexpected error in this connection's code: log it, close with 1011."""
@@ -339,6 +356,8 @@ class Connection(WSListener):
         elif msg_type is PING_FRAME and self.outbox is not None:
             # Straight to the socket: a pong never waits behind queued frames.
             self.outbox.control(PONG, frame.get_payload_as_bytes())
+        elif msg_type is PONG_FRAME:
+            self._pong(frame)
         elif msg_type is CLOSE_FRAME:
             self._peer_closed(frame)
 
@@ -355,6 +374,7 @@ class Connection(WSListener):
         if self.close_code is None:
             self.close_code = 1006
         self.state = CLOSED
+        self.app.stats.closes[self.close_code] += 1
         if self._close_timer is not None:
             self._close_timer.cancel()
         if self._expiry is not None:
@@ -410,6 +430,8 @@ class Connection(WSListener):
             # but when the rest of that frame was read with its header it still
             # hands the frame over: it is refused, not a message.
             return
+        stats = self.app.stats
+        stats.bytes_in += len(payload)  # the payload as it came, compressed or not
         if compressed:
             try:
                 payload = deflate.decompress(payload, self.app.config.max_message_size)
@@ -419,7 +441,7 @@ class Connection(WSListener):
             except deflate.DecompressionError:
                 self._protocol_error(1002, "compressed message does not inflate")
                 return
-        self.app.stats.messages_in += 1
+        stats.messages_in += 1
         try:
             self._run(self.received(payload, text))
         except Exception as exc:

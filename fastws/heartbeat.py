@@ -6,7 +6,9 @@ timers. Instead, each connection notes that a frame arrived (one attribute
 store in ``Connection.on_ws_frame``) and a single sweep, a few times per
 interval, walks the connections: one that has been silent for
 ``ping_interval`` gets a PING, and one that stays silent for
-``ping_timeout`` after it is cut off. A peer whose TCP connection vanished
+``ping_timeout`` after it is cut off. The ping carries the time it left,
+which the pong echoes, so the round trip of each answered ping is measured
+(``fastws_ping_rtt_seconds``). A peer whose TCP connection vanished
 without a FIN (a dead host, a dropped NAT entry) is found this way and its
 resources freed.
 """

@@ -77,6 +77,10 @@ def _checked(namespace: str, key: str, value: Any) -> Any:
     return kind(value)
 
 
+# The metrics label of channels outside every configured namespace.
+DEFAULT_LABEL = "default"
+
+
 class Namespaces:
     """Resolves a channel's options; one per node, built from its config."""
 
@@ -101,6 +105,19 @@ class Namespaces:
         if not colon:
             return self.default
         return self._by_name.get(name, self.default)
+
+    def label(self, channel: str) -> str:
+        """The namespace a channel counts under in metrics: a configured one, else ``default``.
+
+        Only configured names become labels, so that clients inventing
+        prefixes cannot grow the number of series.
+        """
+        name, colon, _ = channel.partition(":")
+        return name if colon and name in self._by_name else DEFAULT_LABEL
+
+    def labels(self) -> list[str]:
+        """Every label :meth:`label` may give."""
+        return list(dict.fromkeys([DEFAULT_LABEL, *self._by_name]))
 
     def shortest_ttl(self) -> float:
         """The shortest history TTL of any namespace: how often history needs sweeping."""

@@ -126,7 +126,6 @@ class Node:
         self._server: asyncio.Server | None = None
         self._stopped = asyncio.Event()
         self._stopping: asyncio.Task[None] | None = None
-        self._registry = metrics.registry_for(app)
         self._heartbeat = Heartbeat(app, self.config.ping_interval, self.config.ping_timeout)
         # A logger-like adapter rather than a Logger: picows builds a child
         # Logger object per connection for a real Logger, about 0.5 KB each.
@@ -175,6 +174,7 @@ class Node:
         self._started = time.time()
         await self.app.broker.register(self.app.node_name, self.info)
         self._heartbeat.start()
+        self.app.metrics.start()
         logger.info(
             "fastws node %s listening on %s:%d%s (WebSocket paths: %s)",
             self.app.node_name,
@@ -264,7 +264,7 @@ class Node:
                 return _plain(200, b"ready\n")
             return _plain(503, f"{self.state.value}\n".encode())
         if path == "/metrics":
-            return _plain(200, metrics.exposition(self._registry), metrics.CONTENT_TYPE)
+            return _plain(200, self.app.metrics.exposition(), metrics.CONTENT_TYPE)
         if path == "/fastws.js":
             return _browser_client()
         if path == "/info":
@@ -338,6 +338,7 @@ class Node:
             for conn in list(self.app.connections):
                 conn.abort()
             self._heartbeat.stop()
+            self.app.metrics.stop()
             if self._server is not None:
                 self._server.close()
             await self.app.broker.stop()

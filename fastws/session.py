@@ -49,6 +49,7 @@ class ChannelSession(Connection):
             verdict = self._rate.take(asyncio.get_running_loop().time())
             if verdict == RateLimit.EXHAUSTED:
                 self.app.stats.policy_closes += 1
+                self.app.stats.rate_limit_closes += 1
                 self.close(1008, "rate limit exceeded")
                 return None
         try:
@@ -158,6 +159,10 @@ class ChannelSession(Connection):
             position, missed = await self.app.broker.position(command.ch), None
         else:
             position, missed = await self.app.broker.history(command.ch, command.since)
+            if missed is None:
+                self.app.stats.not_recovered += 1
+            else:
+                self.app.stats.recovered += 1
         if command.id is not None:
             self.send_text(
                 protocol.encode_ok(

@@ -28,6 +28,11 @@ The rules, in docs/workers.md:
 - SIGTERM and SIGINT are forwarded to every worker, which drains, and the
   supervisor returns once all have exited: 0 if each ended cleanly. A
   second signal is forwarded too, and stops the workers at once.
+
+Metrics add up over the group (fastws.metrics): the supervisor makes a
+directory for prometheus_client's multiprocess files, names it to every
+worker as ``PROMETHEUS_MULTIPROC_DIR``, removes a dead worker's gauges when
+it reaps it, and the whole directory when the group stops.
 """
 
 from __future__ import annotations
@@ -37,16 +42,20 @@ import json
 import logging
 import os
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from fastws import logs
+from prometheus_client import multiprocess
+
+from fastws import logs, metrics
 from fastws.config import OPTIONS, Config
 
 if TYPE_CHECKING:
@@ -118,8 +127,18 @@ class Supervisor:
         self._signals: list[signal.Signals] = []
         self._stopping = False
         self._all_listened = False
+        self.metrics_dir = ""
 
     def run(self) -> int:
+        # The group's metrics files, fresh: a file left by an earlier group
+        # would add its counts to this one's.
+        self.metrics_dir = tempfile.mkdtemp(prefix="fastws-metrics-")
+        try:
+            return self._run()
+        finally:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
+
+    def _run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
         logger.info(
@@ -160,9 +179,11 @@ class Supervisor:
     def _start(self, slot: _Slot) -> None:
         mine, theirs = socket.socketpair()
         argv = [sys.executable, "-m", "fastws", "serve", LINK_FLAG, str(theirs.fileno())]
+        env = environ(self.config, slot.name)
+        env[metrics.MULTIPROC_ENV] = self.metrics_dir
         slot.proc = subprocess.Popen(
             argv,
-            env=environ(self.config, slot.name),
+            env=env,
             stdin=subprocess.DEVNULL,
             pass_fds=(theirs.fileno(),),
             # Out of the terminal's process group, so that Ctrl-C reaches
@@ -203,6 +224,8 @@ class Supervisor:
         code, pid = slot.proc.returncode, slot.proc.pid
         self._unlink(slot)
         slot.proc = None
+        # Its gauges (connections open...) no longer count; its counters do.
+        multiprocess.mark_process_dead(pid, self.metrics_dir)  # type: ignore[no-untyped-call]
         how = _how(code)
         if self._stopping:
             if code in _CLEAN:

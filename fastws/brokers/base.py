@@ -48,6 +48,22 @@ class Stored:
     payload: bytes
 
 
+class Calls:
+    """Where a broker reports its calls to the backplane: how long each took, which failed.
+
+    ``operation`` names the call (``publish``, ``history``...). This default
+    forgets everything; a node's metrics (fastws.metrics) put their own in
+    ``Broker.calls``. A broker that does not wait on a network (the memory
+    one) reports nothing.
+    """
+
+    def took(self, operation: str, seconds: float) -> None:
+        """A call completed in ``seconds``."""
+
+    def failed(self, operation: str) -> None:
+        """A call failed: the backplane was unreachable, or answered with an error."""
+
+
 class Broker(ABC):
     """Numbering, storage and transport of publications between nodes."""
 
@@ -55,6 +71,7 @@ class Broker(ABC):
         self._deliver: Deliver | None = None
         self._resync: Callable[[], None] | None = None
         self._node: tuple[str, Callable[[], dict[str, Any]]] | None = None
+        self.calls = Calls()
 
     def attach(self, deliver: Deliver, resync: Callable[[], None] | None = None) -> None:
         """Set where this node's publications go; called once by the App.
@@ -92,6 +109,14 @@ class Broker(ABC):
             return {}
         node, info = self._node
         return {node: info()}
+
+    def kept(self) -> tuple[int, int]:
+        """(channels with a history, publications kept in them), for /metrics.
+
+        Answered without waiting: a networked broker gives its latest
+        sample, of the channels this node listens to.
+        """
+        return 0, 0
 
     # Whether calls may wait on the network, in a client that needs a task
     # to run in (asyncio.timeout); the node then runs broker calls in tasks.

@@ -301,9 +301,9 @@ class ClusterBroker(RedisBroker):
         return self._healthy and self._redis is not None and not self._orphans
 
     @contextlib.contextmanager
-    def _reaching(self) -> Iterator[None]:
+    def _reaching(self, operation: str) -> Iterator[None]:
         try:
-            with super()._reaching():
+            with super()._reaching(operation):
                 yield
         except _CLUSTER_TROUBLE as exc:
             raise Unavailable(
@@ -322,7 +322,7 @@ class ClusterBroker(RedisBroker):
             raise Unavailable("the Redis Cluster broker is not started")
         name = self._pubsub_name(channel)
         self._names[name] = channel
-        with self._reaching():
+        with self._reaching("subscribe"):
             await self._route(name)
 
     async def unsubscribe(self, channel: str) -> None:

@@ -125,6 +125,15 @@ class MemoryBroker(Broker):
         while state.kept and state.kept[0][0] < oldest:
             state.kept.popleft()
 
+    def kept(self) -> tuple[int, int]:
+        """Counted now, over every channel: one pass, when /metrics is scraped."""
+        channels = publications = 0
+        for state in self._channels.values():
+            if state.kept:
+                channels += 1
+                publications += len(state.kept)
+        return channels, publications
+
     def sweep(self) -> None:
         """Drop expired publications and forget channels nobody uses."""
         now = time.monotonic()

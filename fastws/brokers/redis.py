@@ -50,6 +50,7 @@ import contextlib
 import logging
 import random
 import secrets
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -285,6 +286,7 @@ class RedisBroker(Broker):
         # this node's clients' presence: channel -> client -> info JSON
         self._present: dict[str, dict[str, bytes]] = {}
         self._nodes: dict[str, dict[str, Any]] = {}  # the registry as last read
+        self._kept = (0, 0)  # history of the channels listened to, as last sampled
 
     # keys
 
@@ -377,12 +379,19 @@ class RedisBroker(Broker):
         return self._redis
 
     @contextlib.contextmanager
-    def _reaching(self) -> Iterator[None]:
-        """Turn Redis being unreachable into :class:`Unavailable` for the caller."""
+    def _reaching(self, operation: str) -> Iterator[None]:
+        """Time a call to Redis for ``calls`` (/metrics), and turn Redis being
+        unreachable into :class:`Unavailable` for the caller."""
+        started = time.perf_counter()
         try:
             yield
         except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
+            self.calls.failed(operation)
             raise Unavailable(f"Redis at {redact(self.url)} is unavailable: {exc}") from exc
+        except Exception:
+            self.calls.failed(operation)
+            raise
+        self.calls.took(operation, time.perf_counter() - started)
 
     # publications
 
@@ -392,7 +401,7 @@ class RedisBroker(Broker):
         head = orjson.dumps({"ch": channel})[:-1] + b',"seq":'
         whole = encode_publication(channel, 0, data)  # refuses what cannot be encoded
         tail = whole[len(head) + 1 :]
-        with self._reaching():
+        with self._reaching("publish"):
             seq = await self._publish(
                 keys=self._keys(channel),
                 args=[
@@ -408,12 +417,12 @@ class RedisBroker(Broker):
         return int(seq)
 
     async def position(self, channel: str) -> Position:
-        position, _ = await self._read(channel, None, 0)
+        position, _ = await self._read(channel, None, 0, "position")
         return position
 
     async def restart(self, channel: str, epoch: str) -> Position:
         options = self._options(channel)
-        with self._reaching():
+        with self._reaching("restart"):
             reply = await self._restart(
                 keys=self._keys(channel),
                 args=[secrets.token_hex(4), epoch, self._lifetime_ms(options)],
@@ -424,14 +433,14 @@ class RedisBroker(Broker):
     async def history(
         self, channel: str, since: Position | None, limit: int | None = None
     ) -> tuple[Position, list[Stored] | None]:
-        return await self._read(channel, since, limit)
+        return await self._read(channel, since, limit, "history")
 
     async def _read(
-        self, channel: str, since: Position | None, limit: int | None
+        self, channel: str, since: Position | None, limit: int | None, operation: str
     ) -> tuple[Position, list[Stored] | None]:
         client = self._client()
         options = self._options(channel)
-        with self._reaching():
+        with self._reaching(operation):
             reply = await self._history(
                 keys=self._keys(channel),
                 args=[
@@ -451,7 +460,7 @@ class RedisBroker(Broker):
         return position, [Stored(int(reply[i]), reply[i + 1]) for i in range(3, len(reply), 2)]
 
     async def announce(self, channel: str, payload: bytes) -> None:
-        with self._reaching():
+        with self._reaching("announce"):
             await self._client().execute_command(
                 self._publish_command, self._pubsub_name(channel), b":0:" + payload
             )
@@ -465,7 +474,7 @@ class RedisBroker(Broker):
         name = self._pubsub_name(channel)
         self._names[name] = channel
         confirmed = self._confirmation(name)
-        with self._reaching():
+        with self._reaching("subscribe"):
             await sub.send_command("SUBSCRIBE", name, check_health=False)
             # Redis answers in order; the reader resolves this once Redis has
             # confirmed, and from then on no publication to the channel is missed.
@@ -512,6 +521,7 @@ class RedisBroker(Broker):
                 await reader
             except (aioredis.RedisError, OSError) as exc:
                 log.error("lost the Redis pub/sub connection to %s: %r", redact(self.url), exc)
+                self.calls.failed("pubsub")
                 self._lose(exc)
             finally:
                 reader.cancel()
@@ -616,7 +626,7 @@ class RedisBroker(Broker):
     async def add_presence(self, channel: str, client: str, info: dict[str, Any]) -> None:
         encoded = orjson.dumps(info)
         self._present.setdefault(channel, {})[client] = encoded
-        with self._reaching():
+        with self._reaching("presence_add"):
             await self._presence_set(
                 keys=[self._presence_key(channel)],
                 args=[self._presence_ttl_ms, client, encoded],
@@ -629,11 +639,11 @@ class RedisBroker(Broker):
             present.pop(client, None)
             if not present:
                 del self._present[channel]
-        with self._reaching():
+        with self._reaching("presence_remove"):
             await self._client().hdel(self._presence_key(channel), client)
 
     async def presence(self, channel: str) -> dict[str, dict[str, Any]]:
-        with self._reaching():
+        with self._reaching("presence"):
             reply = await self._presence_get(
                 keys=[self._presence_key(channel)], client=self._client()
             )
@@ -646,7 +656,7 @@ class RedisBroker(Broker):
         await self.refresh()
 
     async def nodes(self) -> dict[str, dict[str, Any]]:
-        with self._reaching():
+        with self._reaching("nodes"):
             reply = await self._presence_get(keys=[self._nodes_key()], client=self._client())
         self._nodes = {
             reply[i].decode(): orjson.loads(reply[i + 1]) for i in range(0, len(reply), 2)
@@ -681,8 +691,28 @@ class RedisBroker(Broker):
                     keys=[self._presence_key(channel)], args=args, client=self._in_refresh(pipe)
                 )
             await pipe.execute()
+        await self._sample_kept(client)
         if self._node is not None:
             await self.nodes()
+
+    async def _sample_kept(self, client: Client) -> None:
+        """Read how much history the channels this node listens to keep, for ``kept``.
+
+        The stream lengths, as stored: entries past ``history_ttl`` that no
+        publication has trimmed yet count too, as they take Redis memory.
+        """
+        channels = list(self._names.values())
+        lengths: list[int] = []
+        if channels:
+            async with client.pipeline(transaction=False) as pipe:
+                for channel in channels:
+                    pipe.xlen(self._keys(channel)[2])
+                lengths = await pipe.execute()
+        self._kept = (sum(1 for n in lengths if n), sum(lengths))
+
+    def kept(self) -> tuple[int, int]:
+        """As last sampled by the refresh (every few seconds), of the channels listened to."""
+        return self._kept
 
     def _in_refresh(self, pipe: Any) -> Any:
         """Where refresh runs a script: queued in its pipeline (a cluster runs it apart)."""
