@@ -13,7 +13,13 @@ RUN pip install --no-cache-dir build \
 FROM python:3.11-slim AS runtime
 RUN useradd --create-home --uid 10001 fastws
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+# The wheel built above with its `redis` extra: a node started with FASTWS_REDIS
+# (deploy/compose.yaml, deploy/kubernetes/) needs redis-py and stops at start
+# without it. The wheel is named by its path, so that no other `fastws` an
+# index might offer can be picked instead.
+RUN wheel=$(echo /wheels/fastws-*.whl) \
+    && pip install --no-cache-dir "${wheel}[redis]" \
+    && rm -rf /wheels
 USER fastws
 ENV FASTWS_HOST=0.0.0.0 \
     FASTWS_PORT=8080
