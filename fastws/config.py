@@ -60,6 +60,9 @@ class Config:
     token_audience: str = ""
     token_issuer: str = ""
     token_leeway: float = 5.0
+    api_port: int = 0
+    api_host: str = "127.0.0.1"
+    api_key: str = ""
     node_name: str = ""
     log_level: str = "info"
     log_format: str = "text"
@@ -150,6 +153,15 @@ HELP = {
     "token_issuer": "The `iss` a token must carry; empty: `iss` is not checked.",
     "token_leeway": "Seconds of clock difference allowed when checking `exp` and `nbf`; "
     "a connection is closed this long after its token's `exp`.",
+    "api_port": "TCP port of the server HTTP API, for backends: publish, broadcast, "
+    "presence, history, disconnect a user, info (docs/api.md). Needs `api_key`. 0: no API.",
+    "api_host": "Address the server API listens on. The loopback address by default, so "
+    "that only the same host (or pod) reaches it; set a private address, or `0.0.0.0` "
+    "behind a firewall, for backends elsewhere. Never the internet: the API can publish "
+    "anywhere and close any user's connections.",
+    "api_key": "The key the server API wants in `Authorization: Bearer <key>` or "
+    "`X-API-Key: <key>`, at least 32 characters (`openssl rand -hex 32`); required with "
+    "`api_port`. Prefer the environment or the file to the flag, which ps shows.",
     "node_name": "Name of this node in welcome frames; empty means host name and pid.",
     "log_level": "Logging level: debug, info, warning or error.",
     "log_format": "`text` for people, or `json`: one object per line with time, level, "
@@ -280,6 +292,7 @@ def load(
 
 _RANGES = {
     "port": (0, 65535),
+    "api_port": (0, 65535),
     "workers": (1, None),
     "max_message_size": (1, None),
     "compression_level": (0, 9),
@@ -313,6 +326,7 @@ def _check(config: Config) -> None:
         if getattr(config, name) < 0:
             raise ConfigError(f"{name}: must not be negative")
     _check_edge(config)
+    _check_api(config)
     if config.log_level.lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(
             f"log_level: {config.log_level!r} is not one of debug, info, warning, error"
@@ -361,6 +375,28 @@ def _check_edge(config: Config) -> None:
             tls.server_context(config.tls_cert, config.tls_key)
         except ValueError as exc:
             raise ConfigError(f"tls_cert: {exc}") from None
+
+
+# The shortest server API key accepted: as long as a token secret must be.
+MIN_API_KEY = 32
+
+
+def _check_api(config: Config) -> None:
+    """The server API (fastws.api) is never started without a key worth the name."""
+    if config.api_port and not config.api_key:
+        raise ConfigError(
+            "api_port: the server API needs api_key (FASTWS_API_KEY), the key its callers "
+            "present; without one anyone who reaches the port could publish and disconnect"
+        )
+    if config.api_key and len(config.api_key) < MIN_API_KEY:
+        raise ConfigError(
+            f"api_key: {len(config.api_key)} characters is too short to guess safely; "
+            f"use at least {MIN_API_KEY} (openssl rand -hex 32)"
+        )
+    if config.api_port and config.api_port == config.port:
+        raise ConfigError(
+            f"api_port: {config.api_port} is the WebSocket port; the API needs a port of its own"
+        )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
