@@ -27,6 +27,7 @@ from fastws.brokers import Broker, make_broker
 from fastws.brokers.base import Unavailable
 from fastws.config import Config, load
 from fastws.connection import Connection, Step, finish, start_eagerly
+from fastws.control import CONTROL, Control
 from fastws.metrics import Metrics
 from fastws.namespaces import Namespaces
 from fastws.protocol import Position
@@ -190,6 +191,8 @@ class App:
         self._listeners: Counter[str] = Counter()
         self._listening: dict[str, asyncio.Future[None]] = {}
         self._streams: dict[str, _Stream] = {}
+        # Orders between nodes (fastws.control): close a user's connections everywhere.
+        self.control = Control(self)
 
     def _name(self) -> str:
         return self.config.node_name or f"{socket.gethostname()}-{os.getpid()}"
@@ -214,6 +217,18 @@ class App:
         seq = await self.broker.publish(channel, data)
         self.stats.publications[self.namespaces.label(channel)] += 1
         return seq
+
+    async def disconnect(
+        self, user: str, code: int = 1008, reason: str = "disconnected"
+    ) -> dict[str, Any]:
+        """Close every open connection of user, on every node of the deployment.
+
+        ``code`` is one of fastws.control.CLOSE_CODES. Returns how many were
+        closed, in all and per node, and which nodes did not answer in time
+        (``{"disconnected", "nodes", "unanswered"}``); raises Unavailable,
+        having closed nothing, when the other nodes cannot be told.
+        """
+        return await self.control.disconnect(user, code, reason)
 
     async def join(
         self,
@@ -408,6 +423,9 @@ class App:
                         return
                 stream.seq = seq
                 self._advanced(stream)
+        elif channel == CONTROL:
+            self.control.received(payload)
+            return
         self._fan_out(channel, payload)
 
     def _advanced(self, stream: _Stream) -> None:

@@ -8,7 +8,9 @@ being the one trusted proxies forwarded, fastws.forwarded);
 ``/healthz``, ``/readyz``, ``/metrics`` and ``/info`` (this node and the
 live nodes of its deployment) get a plain HTTP response on the same port, so
 probes and scrapers need nothing else, and ``/fastws.js`` the browser
-client; anything else is 404.
+client; anything else is 404. With ``api_port`` set, the server HTTP API
+(fastws.api) listens on a port of its own, from start until the node's
+connections are gone, draining included.
 
 Stopping is a state, not a flag. A draining node keeps its port open, so
 probes still reach it, but answers 503 to upgrades and to ``/readyz``, and
@@ -42,6 +44,7 @@ from picows import (
 from picows.picows import WSAutoPingStrategy, WSProtocol  # type: ignore[attr-defined]
 
 from fastws import auth, deflate, metrics
+from fastws.api import Api
 from fastws.brokers.base import Unavailable
 from fastws.forwarded import TrustedProxies
 from fastws.heartbeat import Heartbeat
@@ -126,6 +129,8 @@ class Node:
         self._server: asyncio.Server | None = None
         self._stopped = asyncio.Event()
         self._stopping: asyncio.Task[None] | None = None
+        # The server HTTP API (fastws.api), on a port of its own when api_port is set.
+        self.api: Api | None = None
         self._heartbeat = Heartbeat(app, self.config.ping_interval, self.config.ping_timeout)
         # A logger-like adapter rather than a Logger: picows builds a child
         # Logger object per connection for a real Logger, about 0.5 KB each.
@@ -154,6 +159,10 @@ class Node:
 
     async def start(self) -> None:
         await self.app.broker.start()
+        await self.app.control.start()
+        if self.config.api_port:
+            self.api = Api(self)
+            await self.api.start()
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             self._protocol,
@@ -341,6 +350,9 @@ class Node:
             self.app.metrics.stop()
             if self._server is not None:
                 self._server.close()
+            # The API answers until the connections are gone; then the broker goes.
+            if self.api is not None:
+                await self.api.stop()
             await self.app.broker.stop()
             self.state = NodeState.STOPPED
             self._stopped.set()
