@@ -38,9 +38,9 @@ conformance-long: $(STAMP)
 	status=$$?; kill $$echo; exit $$status
 
 # System packages: a C compiler and Python headers for the Cython core, venv
-# for the environment; Chromium, redis-server and nginx for the tests (the
-# browser client, the Redis broker, the load-balancer test). Installed with
-# apt-get only when missing.
+# for the environment; Chromium, redis-server, nginx and prometheus for the
+# tests (the browser client, the Redis broker, the load-balancer test, a real
+# scrape of /metrics). Installed with apt-get only when missing.
 system-deps:
 	@bash scripts/system-deps.sh test
 
