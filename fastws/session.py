@@ -28,13 +28,15 @@ def _is_utf8(payload: bytes) -> bool:
 class ChannelSession(Connection):
     """One connection speaking the channel protocol."""
 
-    __slots__ = ("_rate", "_strikes")
+    __slots__ = ("_publishing", "_rate", "_strikes")
     eager = True
 
     def opened(self) -> None:
         config = self.app.config
         self.request = None  # everything the channel protocol needs was read at the upgrade
         self._strikes: Strikes | None = None
+        # The last pub sent to the broker without waiting (see _pipeline).
+        self._publishing: asyncio.Future[int] | None = None
         self._rate: RateLimit | None = None
         if config.rate_limit > 0:
             self._rate = RateLimit(
@@ -69,7 +71,42 @@ class ChannelSession(Connection):
                 CommandError(ErrorCode.LIMIT_EXCEEDED, "too many commands", command.id)
             )
             return None
+        if isinstance(command, protocol.Pub) and self._queue is None and self.app.broker.pipelines:
+            self._pipeline(command)
+            return None
         return self._execute(command)
+
+    def _pipeline(self, command: protocol.Pub) -> None:
+        """Hand a pub to the broker without waiting for its seq.
+
+        With nothing else of this connection's under way, the next pubs go
+        out right behind it: the broker numbers them in this order and
+        answers in this order, and many reach Redis, and the nodes, in one
+        batch. Any other command waits until they are answered
+        (:meth:`_execute`), so commands still take effect in the order sent.
+        """
+        try:
+            future = self.app.publish_soon(command.ch, command.data)
+        except CommandError as exc:
+            exc.id = command.id
+            self._answer_error(exc)
+            return
+        except Unavailable as exc:
+            self._answer_error(CommandError(ErrorCode.UNAVAILABLE, str(exc), command.id))
+            return
+        self._publishing = future
+        future.add_done_callback(lambda done: self._published(command.id, done))
+
+    def _published(self, id: int | None, future: asyncio.Future[int]) -> None:
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if isinstance(exc, Unavailable):
+            self._answer_error(CommandError(ErrorCode.UNAVAILABLE, str(exc), id))
+        elif exc is not None:
+            self.fail(exc)
+        elif id is not None:
+            self.send_text(protocol.encode_ok(id, seq=future.result()))
 
     def _strike(self) -> None:
         """Count a malformed command; too many close the connection with 1008."""
@@ -80,6 +117,8 @@ class ChannelSession(Connection):
             self.close(1008, "too many malformed commands")
 
     async def _execute(self, command: protocol.Command) -> None:
+        if self._publishing is not None and not self._publishing.done():
+            await asyncio.wait([self._publishing])
         try:
             if isinstance(command, protocol.Pub):
                 self._check_publish(command.ch)

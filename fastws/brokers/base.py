@@ -16,6 +16,7 @@ publications but have no seq and are not kept.
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -121,6 +122,19 @@ class Broker(ABC):
     # Whether calls may wait on the network, in a client that needs a task
     # to run in (asyncio.timeout); the node then runs broker calls in tasks.
     waits = True
+
+    # Whether publish_soon() exists: publications started one after another
+    # without waiting for each seq are numbered in that order. A client's
+    # pub commands are then pipelined instead of waiting one by one.
+    pipelines = False
+
+    def publish_soon(self, channel: str, data: Any) -> asyncio.Future[int]:
+        """Start publishing data now; the future is its seq. Only where ``pipelines``.
+
+        Raises at once (before any seq is taken) for data that cannot be
+        encoded.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not pipeline publications")
 
     @property
     def ready(self) -> bool:

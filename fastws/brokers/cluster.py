@@ -251,6 +251,9 @@ class ClusterBroker(RedisBroker):
 
     _publish_command = "SPUBLISH"
     _publish_lua = SPUBLISH_LUA
+    # Channels live on different masters: one connection cannot carry all
+    # publications, so each goes through the cluster client on its own.
+    pipelines = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

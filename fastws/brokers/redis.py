@@ -62,6 +62,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from fastws.brokers.base import Broker, Stored, Unavailable
+from fastws.brokers.publisher import Publisher
 from fastws.namespaces import ChannelOptions
 from fastws.protocol import Position, encode_publication
 
@@ -277,6 +278,7 @@ class RedisBroker(Broker):
         self._redis: Client | None = None
         self._sub: AbstractConnection | None = None
         self._reader: asyncio.Task[None] | None = None
+        self._publisher: Publisher | None = None
         self._refresher: asyncio.Task[None] | None = None
         self._healthy = False
         self._heard = 0.0  # loop time the pub/sub connection last said anything
@@ -332,6 +334,16 @@ class RedisBroker(Broker):
         loop = asyncio.get_running_loop()
         self._reader = loop.create_task(self._hold_pubsub(sub))
         self._refresher = loop.create_task(self._refresh_forever())
+        if self.pipelines:
+            self._publisher = Publisher(self._command_connection, self._publish_lua)
+            self._publisher.start()
+
+    async def _command_connection(self) -> AbstractConnection:
+        """A connection of its own, set like the pool's (timeouts, no retries)."""
+        assert self._pool is not None
+        conn = self._pool.connection_class(**self._pool.connection_kwargs)
+        await conn.connect()  # type: ignore[no-untyped-call]
+        return conn
 
     def _register_scripts(self, client: Client) -> None:
         self._publish = client.register_script(self._publish_lua)
@@ -341,6 +353,9 @@ class RedisBroker(Broker):
         self._presence_get = client.register_script(PRESENCE_GET_LUA)
 
     async def stop(self) -> None:
+        if self._publisher is not None:
+            await self._publisher.stop()
+            self._publisher = None
         for task in (self._reader, self._refresher):
             if task is not None:
                 task.cancel()
@@ -395,26 +410,47 @@ class RedisBroker(Broker):
 
     # publications
 
+    pipelines = True
+
     async def publish(self, channel: str, data: Any) -> int:
+        if self.pipelines:
+            return await self.publish_soon(channel, data)
         client = self._client()
-        options = self._options(channel)
-        head = orjson.dumps({"ch": channel})[:-1] + b',"seq":'
-        whole = encode_publication(channel, 0, data)  # refuses what cannot be encoded
-        tail = whole[len(head) + 1 :]
         with self._reaching("publish"):
             seq = await self._publish(
-                keys=self._keys(channel),
-                args=[
-                    secrets.token_hex(4),
-                    head,
-                    tail,
-                    options.history_size,
-                    self._lifetime_ms(options),
-                    self._pubsub_name(channel),
-                ],
-                client=client,
+                keys=self._keys(channel), args=self._publish_args(channel, data), client=client
             )
         return int(seq)
+
+    def publish_soon(self, channel: str, data: Any) -> asyncio.Future[int]:
+        if self._publisher is None:
+            raise Unavailable("the Redis broker is not started")
+        args = self._publish_args(channel, data)
+        started = time.perf_counter()
+        future = self._publisher.submit(self._keys(channel), args)
+        future.add_done_callback(lambda f: self._published(f, started))
+        return future
+
+    def _published(self, future: asyncio.Future[int], started: float) -> None:
+        if future.cancelled() or future.exception() is not None:
+            self.calls.failed("publish")
+        else:
+            self.calls.took("publish", time.perf_counter() - started)
+
+    def _publish_args(self, channel: str, data: Any) -> list[Any]:
+        """ARGV of the publish script; refuses data that cannot be encoded."""
+        options = self._options(channel)
+        head = orjson.dumps({"ch": channel})[:-1] + b',"seq":'
+        whole = encode_publication(channel, 0, data)
+        tail = whole[len(head) + 1 :]
+        return [
+            secrets.token_hex(4),
+            head,
+            tail,
+            options.history_size,
+            self._lifetime_ms(options),
+            self._pubsub_name(channel),
+        ]
 
     async def position(self, channel: str) -> Position:
         position, _ = await self._read(channel, None, 0, "position")
@@ -531,6 +567,8 @@ class RedisBroker(Broker):
             # ones so that the next commands connect afresh.
             if self._pool is not None:
                 await self._pool.disconnect(inuse_connections=False)
+            if self._publisher is not None:
+                await self._publisher.drop()
             sub, confirmed = await self._reconnect()
 
     async def _reconnect(self) -> tuple[AbstractConnection, list[asyncio.Future[None]]]:
