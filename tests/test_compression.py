@@ -112,8 +112,8 @@ class DeflateRawWS(RawWS):
 
     offers: tuple[str, ...] = ()
 
-    def upgrade_request(self, path: str = "/ws") -> bytes:
-        request = super().upgrade_request(path)
+    def upgrade_request(self, path: str = "/ws", headers: dict[str, str] | None = None) -> bytes:
+        request = super().upgrade_request(path, headers)
         assert request.endswith(b"\r\n\r\n")
         lines = "".join(f"Sec-WebSocket-Extensions: {offer}\r\n" for offer in self.offers)
         return request[:-2] + lines.encode("latin-1") + b"\r\n"
