@@ -25,7 +25,8 @@ if [ "${1:-}" = test ]; then
     # tests fail without it. Debian installs it under /usr/sbin, which is not
     # on every user's PATH, hence the second look.
     command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
-    # A real Prometheus for tests/test_observability.py, which scrapes a node
+    # A real Prometheus (and its promtool) for tests/test_metrics.py and
+    # tests/test_deploy.py, which scrapes a node
     # with it and queries a metric back through its HTTP API; the tests fail
     # without it.
     command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)

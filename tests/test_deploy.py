@@ -10,8 +10,9 @@ the node accepts; a node started with the shipped settings and holding
 connections drains and exits within the grace periods the files give it;
 and every metric the Grafana dashboard queries is served by a real node
 with a real Redis, each of its queries run by a real Prometheus that
-scraped it. `kubectl kustomize` and `envoy --mode validate` run when those
-binaries are installed.
+scraped it. Neither kubectl nor Envoy is run: neither is a package this
+project's test machines can install, and a test that needs a missing
+binary must fail, not skip.
 """
 
 from __future__ import annotations
@@ -457,28 +458,6 @@ def test_the_pods_run_as_the_image_s_non_root_user_on_a_read_only_filesystem() -
     assert "memory" in container()["resources"]["limits"]
 
 
-def test_kubectl_kustomize_builds_the_manifests() -> None:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed (optional)")
-    built = subprocess.run(
-        [kubectl, "kustomize", str(KUBE)], capture_output=True, text=True, timeout=60, check=True
-    ).stdout
-    docs = list(yaml.safe_load_all(built))
-    assert sorted(d["kind"] for d in docs) == sorted(
-        KINDS[name][1] for name in kube("kustomization.yaml")["resources"]
-    )
-    (built_deployment,) = [d for d in docs if d["kind"] == "Deployment"]
-    (image,) = kube("kustomization.yaml")["images"]
-    (built_container,) = built_deployment["spec"]["template"]["spec"]["containers"]
-    assert built_container["image"] == f"{image['newName']}:{image['newTag']}"
-
-
-# --------------------------------------------------------------------------
-# compose
-# --------------------------------------------------------------------------
-
-
 def test_compose_runs_redis_with_its_append_only_file_on_a_volume() -> None:
     redis = compose()["services"]["redis"]
     command = " ".join(redis["command"])
@@ -614,18 +593,6 @@ def test_envoy_s_cluster_reaches_the_nodes_port_and_health_checks_readyz() -> No
     options = cluster["typed_extension_protocol_options"]
     (http,) = options.values()
     assert "http_protocol_options" in http["explicit_http_config"]  # HTTP/1.1 to the nodes
-
-
-def test_envoy_validates_the_bootstrap_when_it_is_installed() -> None:
-    binary = shutil.which("envoy")
-    if binary is None:
-        pytest.skip("envoy is not installed (optional)")
-    subprocess.run(
-        [binary, "--mode", "validate", "-c", str(DEPLOY / "envoy.yaml")],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
 
 
 # --------------------------------------------------------------------------
