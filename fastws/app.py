@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import resource
 import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -553,4 +554,26 @@ class App:
 
         config = replace(self.config, **options)
         logs.configure(config.log_level, config.log_format)
+        _raise_open_files_limit()
         uvloop.run(main())
+
+
+def _raise_open_files_limit() -> None:
+    """Let the process hold as many sockets as the hard limit allows.
+
+    Each connection is a file descriptor, and many systems start a process
+    with a soft limit of 1,024 under a hard limit a thousand times higher,
+    which would refuse the 1,000th client. Raising the soft limit to the
+    hard one needs no privilege; a process that owns the node does it once.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # Linux refuses an unlimited soft limit for files; its ceiling is 2**20.
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        logger.warning("could not raise the open files limit from %d to %d: %s", soft, target, exc)
+        return
+    logger.info("open files limit raised from %d to %d", soft, target)

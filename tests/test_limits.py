@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import resource
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any
 
 import pytest
 from conftest import (
+    HOST,
     OP_BINARY,
     OP_CONT,
     OP_TEXT,
@@ -24,7 +27,11 @@ from conftest import (
     RawWS,
     ahttp_get,
     ascrape,
+    clean_env,
+    free_port,
+    http_get,
     metric,
+    node_argv,
     proto_client,
     unique,
     ws_frame,
@@ -600,3 +607,34 @@ async def test_default_max_bad_commands_is_10(node_factory: Callable[..., NodePr
         assert code == 1008, (code, frames)
     finally:
         ws.close()
+
+
+def test_a_node_raises_its_open_files_limit_to_the_hard_one() -> None:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert hard == resource.RLIM_INFINITY or hard > 256, "the test needs a hard limit above 256"
+
+    def low_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    port = free_port()
+    proc = subprocess.Popen(
+        node_argv("--host", HOST, "--port", str(port)),
+        env=clean_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=low_soft_limit,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                if http_get(port, "/healthz", timeout=1.0).status == 200:
+                    break
+            time.sleep(0.05)
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+        (line,) = [x for x in limits.splitlines() if x.startswith("Max open files")]
+        soft = line.split()[3]
+        assert soft != "256" and (soft == "unlimited" or int(soft) > 256), line
+    finally:
+        proc.terminate()
+        proc.wait(10)
