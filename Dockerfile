@@ -20,7 +20,8 @@ COPY --from=build /wheels /wheels
 RUN wheel=$(echo /wheels/fastws-*.whl) \
     && pip install --no-cache-dir "${wheel}[redis]" \
     && rm -rf /wheels
-USER fastws
+# By number, not name: Kubernetes' runAsNonRoot can check a number only.
+USER 10001:10001
 ENV FASTWS_HOST=0.0.0.0 \
     FASTWS_PORT=8080
 EXPOSE 8080
