@@ -89,28 +89,32 @@ class Publisher:
         conn = self._conn or await self._open()
         await conn.send_packed_command(conn.pack_commands([c for c, _ in batch]), False)
         forgotten: list[tuple[Command, asyncio.Future[int]]] = []
+        reordered = False  # one was run after one that was not
         for item in batch:
             future = item[1]
             try:
                 answer = await conn.read_response()
-            except aioredis.ResponseError as exc:
-                if isinstance(exc, NoScriptError):
-                    forgotten.append(item)
-                elif not future.done():
-                    # OOM, READONLY (a replica now): Redis cannot take it now.
-                    future.set_exception(Unavailable(f"Redis refused the publication: {exc}"))
-                continue
-            if forgotten:  # answered after one that was not run: the order is lost
+            except NoScriptError:
                 forgotten.append(item)
-            elif not future.done():
+                continue
+            except aioredis.ResponseError as exc:
+                # OOM, READONLY (a replica now): Redis cannot take it now.
+                self._fail([item], Unavailable(f"Redis refused the publication: {exc}"))
+                continue
+            reordered = reordered or bool(forgotten)
+            if not future.done():
                 future.set_result(int(answer))
         if forgotten:
-            # The script cache was flushed (SCRIPT FLUSH, a restarted Redis
-            # on the same connection): nothing from the first NOSCRIPT on was
-            # run, unless the script came back meanwhile, which fails them.
+            # The script cache was flushed (SCRIPT FLUSH, or a Redis that
+            # restarted under this connection): none of these was run. Sent
+            # again once the script is loaded, unless a later one was run
+            # meanwhile, which sending them now would overtake.
             await self.drop()
-            if all(isinstance(f.exception(), Exception) for _, f in forgotten if f.done()):
+            if reordered:
+                self._fail(forgotten, Unavailable("Redis lost the publish script"))
+            else:
                 await self._send(forgotten)
+
     async def _open(self) -> AbstractConnection:
         conn = await self._connect()
         await conn.send_command("SCRIPT", "LOAD", self._script, check_health=False)
