@@ -84,6 +84,9 @@ class Publisher:
             except (aioredis.RedisError, OSError) as exc:
                 await self.drop()
                 self._fail(batch, Unavailable(f"publishing through Redis failed: {exc!r}"))
+            except Exception as exc:  # a bug: fail this batch, keep publishing the next
+                await self.drop()
+                self._fail(batch, exc)
 
     async def _send(self, batch: list[tuple[Command, asyncio.Future[int]]]) -> None:
         conn = self._conn or await self._open()
