@@ -109,8 +109,10 @@ def test_the_cross_node_scenarios_run_two_nodes_on_a_redis_beside_one_memory_nod
         assert memory["subscribers_per_node"] == [40]
         assert redis["subscribers_per_node"] == [20, 20]
         assert "redis_us_per_op" not in memory
+        # CPU is read in clock ticks (10 ms): a node of this short a run may
+        # show none, so the figures are checked for being there, not for size.
         for key in ("server_us_per_op", "node_a_us_per_op", "node_b_us_per_op"):
-            assert redis[key] > 0, key
+            assert redis[key] >= 0, key
         assert redis["redis_us_per_op"] is not None
         [target] = entry["targets"]
         assert target["figure"] == redis["server_us_per_op"] / memory["server_us_per_op"]
