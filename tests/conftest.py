@@ -909,12 +909,13 @@ def _redis_answers(port: int) -> bool:
         return s.recv(64).startswith(b"+PONG")
 
 
-@pytest.fixture(scope="session")
-def redis_server() -> Iterator[str]:
-    """A redis-server of the session's own on a free port, keeping nothing on disk.
+def start_redis(*options: str, port: int = 0) -> NodeProcess:
+    """A redis-server of a test's own, answering on a free port (or ``port``).
 
-    Yields its URL. A machine without redis-server fails these tests rather
-    than skipping them: `bash scripts/system-deps.sh test` installs it.
+    It keeps nothing on disk unless ``options`` (redis-server flags, which
+    override the defaults) say so. A machine without redis-server fails the
+    test rather than skipping it: `bash scripts/system-deps.sh test`
+    installs it.
     """
     import shutil
 
@@ -924,12 +925,24 @@ def redis_server() -> Iterator[str]:
             "redis-server is not installed; run `bash scripts/system-deps.sh test`",
             pytrace=False,
         )
-    port = free_port()
+    port = port or free_port()
     argv = [binary, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no"]
-    server = NodeProcess(argv, port, clean_env(), "redis-server")
+    server = NodeProcess([*argv, *options], port, clean_env(), "redis-server")
     try:
         server.wait_ready(lambda: _redis_answers(port))
-        yield f"redis://{HOST}:{port}/0"
+    except BaseException:
+        server.stop()
+        server.cleanup_files()
+        raise
+    return server
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[str]:
+    """The session's redis-server (:func:`start_redis`); yields its URL."""
+    server = start_redis()
+    try:
+        yield f"redis://{HOST}:{server.port}/0"
     finally:
         server.stop()
         server.cleanup_files()

@@ -43,6 +43,7 @@ from conftest import (
     http_get,
     proto_client,
     start_node,
+    start_redis,
     unique,
     wait_exit,
 )
@@ -670,20 +671,8 @@ def served_metrics(exposition: str) -> tuple[set[str], dict[str, set[str]]]:
 @pytest.fixture
 def redis_of_its_own() -> Iterator[NodeProcess]:
     """A redis-server this test alone uses, so that it may kill it."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not installed; run `bash scripts/system-deps.sh test`")
-    port = free_port()
-    argv = [binary, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no"]
-    server = NodeProcess(argv, port, clean_env(), "redis-server")
-
-    def answers() -> bool:
-        with socket.create_connection((HOST, port), timeout=0.5) as s:
-            s.sendall(b"PING\r\n")
-            return s.recv(64).startswith(b"+PONG")
-
+    server = start_redis()
     try:
-        server.wait_ready(answers)
         yield server
     finally:
         server.stop()

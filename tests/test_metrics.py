@@ -36,6 +36,7 @@ from conftest import (
     metric,
     proto_client,
     start_node,
+    start_redis,
     unique,
 )
 
@@ -240,13 +241,7 @@ async def test_a_made_up_pong_is_not_a_round_trip(node_factory: Callable[..., No
 
 @pytest.fixture
 def own_redis() -> Iterator[NodeProcess]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.fail("redis-server is not installed; run `bash scripts/system-deps.sh test`")
-    port = free_port()
-    argv = [binary, "--port", str(port), "--bind", HOST, "--save", "", "--appendonly", "no"]
-    server = NodeProcess(argv, port, clean_env(), "redis-server")
-    server.wait_port_open()
+    server = start_redis()
     yield server
     server.stop()
     server.cleanup_files()

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
 import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -23,12 +22,9 @@ import pytest
 import redis.asyncio as aioredis
 from conftest import (
     HOST,
-    NodeProcess,
-    _redis_answers,
     ahttp_get,
-    clean_env,
-    free_port,
     proto_client,
+    start_redis,
     unique,
 )
 from tcpproxy import TcpProxy
@@ -45,35 +41,25 @@ class RedisProcess:
     """A redis-server on a fixed port that a test may kill and start again."""
 
     def __init__(self, workdir: Path, persist: bool) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.fail("redis-server is not installed; run `bash scripts/system-deps.sh test`")
-        self.port = free_port()
-        self.argv = [binary, "--port", str(self.port), "--bind", HOST, "--dir", str(workdir)]
-        self.argv += ["--save", ""]
+        self.options = ["--dir", str(workdir)]
         if persist:  # every write on disk before it is acknowledged
-            self.argv += ["--appendonly", "yes", "--appendfsync", "always"]
-        else:
-            self.argv += ["--appendonly", "no"]
+            self.options += ["--appendonly", "yes", "--appendfsync", "always"]
+        self.server = start_redis(*self.options)
+        self.port = self.server.port
         self.url = f"redis://{HOST}:{self.port}/0"
-        self.server: NodeProcess | None = None
-        self.start()
 
     def start(self) -> None:
-        self.server = NodeProcess(self.argv, self.port, clean_env(), "redis-server")
-        self.server.wait_ready(lambda: _redis_answers(self.port))
+        self.server = start_redis(*self.options, port=self.port)
 
     def kill(self) -> None:
         """SIGKILL: a crash, nothing flushed that was not already."""
-        assert self.server is not None
         self.server.send_signal(signal.SIGKILL)
         self.server.proc.wait(5)
         self.server.cleanup_files()
 
     def stop(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-            self.server.cleanup_files()
+        self.server.stop()
+        self.server.cleanup_files()
 
 
 @contextlib.contextmanager

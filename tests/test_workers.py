@@ -30,6 +30,7 @@ from conftest import (
     free_port,
     proto_client,
     start_node,
+    start_redis,
     unique,
     wait_exit,
 )
@@ -210,17 +211,12 @@ sys.exit(cli.main(sys.argv[1:]))
 
 
 def test_a_group_whose_restarts_keep_failing_gives_up_with_1() -> None:
-    import shutil
-
-    redis_port = free_port()
-    redis_argv = [shutil.which("redis-server") or "redis-server", "--port", str(redis_port)]
-    redis_argv += ["--bind", HOST, "--save", "", "--appendonly", "no"]
-    redis = NodeProcess(redis_argv, redis_port, clean_env(), "redis-server")
+    redis = start_redis()
+    redis_port = redis.port
     port = free_port()
     argv = ["serve", "--host", HOST, "--port", str(port), "--workers", "2"]
     argv += ["--redis", f"redis://{HOST}:{redis_port}/0", "--drain-period", "0.2"]
     try:
-        redis.wait_port_open()
         group = NodeProcess([PYTHON, "-c", QUICK_SUPERVISOR, *argv], port, clean_env(), "group")
         try:
             pids = wait_serving(group, 2)
