@@ -262,6 +262,14 @@ class ClusterBroker(RedisBroker):
         self._orphans: set[bytes] = set()  # channels waiting to be subscribed again
         self._mender: asyncio.Task[None] | None = None
 
+    async def publish(self, channel: str, data: Any) -> int:
+        client = self._client()
+        with self._reaching("publish"):
+            seq = await self._publish(
+                keys=self._keys(channel), args=self._publish_args(channel, data), client=client
+            )
+        return int(seq)
+
     async def start(self) -> None:
         # As in the Redis broker, no retries of a command that may have run;
         # redirections (MOVED, ASK) are followed, they are not retries.
@@ -275,6 +283,8 @@ class ClusterBroker(RedisBroker):
         )
         self._redis = client
         self._register_scripts(client)
+        # One call per publication here (see `pipelines`), not the Publisher.
+        self._publish = client.register_script(self._publish_lua)
         try:
             await client.initialize()
         except (aioredis.RedisError, OSError, *_CLUSTER_TROUBLE) as exc:

@@ -334,9 +334,8 @@ class RedisBroker(Broker):
         loop = asyncio.get_running_loop()
         self._reader = loop.create_task(self._hold_pubsub(sub))
         self._refresher = loop.create_task(self._refresh_forever())
-        if self.pipelines:
-            self._publisher = Publisher(self._command_connection, self._publish_lua)
-            self._publisher.start()
+        self._publisher = Publisher(self._command_connection, self._publish_lua)
+        self._publisher.start()
 
     async def _command_connection(self) -> AbstractConnection:
         """A connection of its own, set like the pool's (timeouts, no retries)."""
@@ -346,7 +345,6 @@ class RedisBroker(Broker):
         return conn
 
     def _register_scripts(self, client: Client) -> None:
-        self._publish = client.register_script(self._publish_lua)
         self._history = client.register_script(HISTORY_LUA)
         self._restart = client.register_script(RESTART_LUA)
         self._presence_set = client.register_script(PRESENCE_SET_LUA)
@@ -413,14 +411,7 @@ class RedisBroker(Broker):
     pipelines = True
 
     async def publish(self, channel: str, data: Any) -> int:
-        if self.pipelines:
-            return await self.publish_soon(channel, data)
-        client = self._client()
-        with self._reaching("publish"):
-            seq = await self._publish(
-                keys=self._keys(channel), args=self._publish_args(channel, data), client=client
-            )
-        return int(seq)
+        return await self.publish_soon(channel, data)
 
     def publish_soon(self, channel: str, data: Any) -> asyncio.Future[int]:
         if self._publisher is None:
