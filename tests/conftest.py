@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -964,3 +964,29 @@ def redis_cluster_nodes() -> Iterator[Any]:
 def redis_cluster(redis_cluster_nodes: Any) -> str:
     """The seed URL of the session's Redis Cluster."""
     return str(redis_cluster_nodes.seed_url)
+
+
+# --------------------------------------------------------------------------
+# a real headless Chromium for the browser client's tests (tests/browser.py)
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[Any]:
+    """One browser per test module; fails when Chromium is not installed."""
+    from browser import Chromium
+
+    browser = Chromium()
+    try:
+        yield browser
+    finally:
+        browser.stop()
+
+
+@pytest.fixture
+async def page(chromium: Any) -> AsyncIterator[Any]:
+    """A blank tab of that browser, closed after the test."""
+    from browser import open_page
+
+    async with open_page(chromium) as tab:
+        yield tab

@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import jwt
 import pytest
-from browser import Chromium, Page, open_page
+from browser import Page
 from conftest import HOST, NodeProcess, proto_client, start_node, unique
 
 pytestmark = pytest.mark.timeout(60)
@@ -41,21 +41,6 @@ def node() -> Iterator[NodeProcess]:
     yield n
     n.stop()
     n.cleanup_files()
-
-
-@pytest.fixture(scope="module")
-def chromium() -> Iterator[Chromium]:
-    browser = Chromium()
-    try:
-        yield browser
-    finally:
-        browser.stop()
-
-
-@pytest.fixture
-async def page(chromium: Chromium) -> AsyncIterator[Page]:
-    async with open_page(chromium) as tab:
-        yield tab
 
 
 async def test_a_url_function_reconnects_after_expiry_and_refresh_is_answered(

@@ -16,11 +16,11 @@ import asyncio
 import json
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from browser import Chromium, Page, open_page
+from browser import Page
 from conftest import (
     HOST,
     REPO,
@@ -91,21 +91,6 @@ def node_factory(node_factory: Callable[..., NodeProcess]) -> Callable[..., Node
         return node_factory(*args, env={**BLANK_TAB, **(env or {})}, **kwargs)
 
     return make
-
-
-@pytest.fixture(scope="module")
-def chromium() -> Iterator[Chromium]:
-    browser = Chromium()
-    try:
-        yield browser
-    finally:
-        browser.stop()
-
-
-@pytest.fixture
-async def page(chromium: Chromium) -> AsyncIterator[Page]:
-    async with open_page(chromium) as tab:
-        yield tab
 
 
 async def load(page: Page, port: int) -> None:

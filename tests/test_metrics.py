@@ -304,6 +304,27 @@ async def scrapes(port: int, n: int) -> list[dict[str, float]]:
     return [await ascrape(port) for _ in range(n)]
 
 
+async def assert_every_scrape(
+    port: int, check: Callable[[dict[str, float]], bool], timeout: float = 5.0
+) -> None:
+    """Within timeout, six scrapes in a row all pass check; fail with what they showed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = await scrapes(port, 6)
+        ok = all(check(s) for s in got)
+        if ok or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    assert ok, [
+        (
+            metric(s, "fastws_processes"),
+            metric(s, "fastws_connections_open"),
+            metric(s, "fastws_connections_accepted_total"),
+        )
+        for s in got
+    ]
+
+
 async def test_a_group_of_workers_answers_any_scrape_with_the_whole_group(
     redis_server: str,
 ) -> None:
@@ -326,52 +347,28 @@ async def test_a_group_of_workers_answers_any_scrape_with_the_whole_group(
             opened = len(clients)
             # Every scrape, whichever worker answers, covers both once they
             # have copied their counters (every second).
-            deadline = time.monotonic() + 5
-            while True:
-                got = await scrapes(group.port, 6)
-                ok = all(
+            await assert_every_scrape(
+                group.port,
+                lambda s: (
                     metric(s, "fastws_processes") == 2
                     and metric(s, "fastws_connections_open") == opened
                     and metric(s, "fastws_connections_accepted_total") == opened
                     and metric(s, "fastws_publications_total") == opened
-                    for s in got
-                )
-                if ok or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.2)
-            assert ok, [
-                (
-                    metric(s, "fastws_processes"),
-                    metric(s, "fastws_connections_open"),
-                    metric(s, "fastws_connections_accepted_total"),
-                )
-                for s in got
-            ]
+                ),
+            )
             # A worker killed and replaced: its connections are gone from
             # the gauges, but its counts stay in the group's totals.
             on_w1 = seen[f"{socket.gethostname()}-{group.pid}-w1"]
             os.kill(pids[1], signal.SIGKILL)
             await asyncio.to_thread(wait_serving, group, 3)
-            deadline = time.monotonic() + 5
-            while True:
-                got = await scrapes(group.port, 6)
-                ok = all(
+            await assert_every_scrape(
+                group.port,
+                lambda s: (
                     metric(s, "fastws_processes") == 2
                     and metric(s, "fastws_connections_open") == opened - on_w1
                     and metric(s, "fastws_connections_accepted_total") >= opened
-                    for s in got
-                )
-                if ok or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(0.2)
-            assert ok, [
-                (
-                    metric(s, "fastws_processes"),
-                    metric(s, "fastws_connections_open"),
-                    metric(s, "fastws_connections_accepted_total"),
-                )
-                for s in got
-            ]
+                ),
+            )
             directory = worker_metrics_dir(pids[2])
             assert Path(directory).is_dir()
         assert group.stop() == 0, group.output_tail()
