@@ -86,13 +86,10 @@ class ChannelSession(Connection):
         (:meth:`_execute`), so commands still take effect in the order sent.
         """
         try:
+            self._check_publish(command.ch)
             future = self.app.publish_soon(command.ch, command.data)
-        except CommandError as exc:
-            exc.id = command.id
-            self._answer_error(exc)
-            return
-        except Unavailable as exc:
-            self._answer_error(CommandError(ErrorCode.UNAVAILABLE, str(exc), command.id))
+        except (CommandError, Unavailable) as exc:
+            self._answer_failure(exc, command.id)
             return
         self._publishing = future
         future.add_done_callback(lambda done: self._published(command.id, done))
@@ -102,7 +99,7 @@ class ChannelSession(Connection):
             return
         exc = future.exception()
         if isinstance(exc, Unavailable):
-            self._answer_error(CommandError(ErrorCode.UNAVAILABLE, str(exc), id))
+            self._answer_failure(exc, id)
         elif exc is not None:
             self.fail(exc)
         elif id is not None:
@@ -136,11 +133,8 @@ class ChannelSession(Connection):
                 await self._presence(command)
             else:
                 self._refresh(command)
-        except CommandError as exc:
-            exc.id = command.id
-            self._answer_error(exc)
-        except Unavailable as exc:
-            self._answer_error(CommandError(ErrorCode.UNAVAILABLE, str(exc), command.id))
+        except (CommandError, Unavailable) as exc:
+            self._answer_failure(exc, command.id)
 
     def _check_read(self, channel: str) -> None:
         """sub, history and presence: the token's `subs` patterns, when it has them."""
@@ -243,6 +237,13 @@ class ChannelSession(Connection):
         await self.app.leave(self, command.ch)
         if command.id is not None:
             self.send_text(protocol.encode_ok(command.id))
+
+    def _answer_failure(self, exc: CommandError | Unavailable, id: int | None) -> None:
+        """Answer command id with why it failed: its own error, or the broker's absence."""
+        if isinstance(exc, Unavailable):
+            exc = CommandError(ErrorCode.UNAVAILABLE, str(exc))
+        exc.id = id
+        self._answer_error(exc)
 
     def _answer_error(self, exc: CommandError) -> None:
         self.app.stats.command_errors += 1

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import jwt
 import pytest
 import redis.asyncio as aioredis
 from conftest import HOST, proto_client, unique
@@ -86,3 +88,27 @@ async def test_a_flushed_script_cache_is_loaded_again_without_losing_a_pub(
             await c.send({"op": "pub", "ch": ch, "data": n, "id": n})
         replies = [await c.recv() for _ in range(20)]
         assert [r.get("seq") for r in replies] == list(range(2, 22)), replies
+
+
+async def test_pipelined_pubs_are_held_to_the_same_permissions(redis_server: str) -> None:
+    secret = "pipelining-secret-" + "k" * 40
+    config = Config(
+        redis=redis_server,
+        token_secret=secret,
+        namespaces={"feed": {"client_publish": False}},
+        log_level="warning",
+    )
+    app = App(config)
+    app.channels("/ws")
+    node = await asyncio.wait_for(app.serve(host=HOST, port=0), 10)
+    try:
+        grant = {"sub": "ann", "exp": time.time() + 60, "pubs": ["chat:*", "feed:*"]}
+        url = f"ws://{HOST}:{node.port}/ws?token={jwt.encode(grant, secret, 'HS256')}"
+        async with proto_client(url) as c:
+            for n, ch in enumerate([f"feed:{unique()}", f"other:{unique()}", f"chat:{unique()}"]):
+                await c.send({"op": "pub", "ch": ch, "data": n, "id": n})
+            replies = [await c.recv() for _ in range(3)]
+        assert [r.get("error", {}).get("code") for r in replies] == ["forbidden", "forbidden", None]
+        assert replies[2]["seq"] == 1
+    finally:
+        await asyncio.wait_for(node.stop(), 10)
